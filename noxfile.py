@@ -1,0 +1,35 @@
+"""Developer sessions. Every install goes through constraints.txt (torch==2.13.0, CPU build)."""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests"]
+
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def install(session: nox.Session, extras: str = "test,flops,viz") -> None:
+    session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (`-m 'not slow'`), torch-scatter included so that its agreement test runs."""
+    install(session)
+    # torch-scatter ships as source only and must build against the installed torch.
+    session.install(*CONSTRAINTS, "--no-build-isolation", "torch-scatter")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def tests_slow(session: nox.Session) -> None:
+    """Only the tests marked slow (reproductions, long property runs)."""
+    install(session)
+    session.run("pytest", "-q", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")

@@ -1,0 +1,215 @@
+"""Pluggable clustering functions: tokens → clustering logits.
+
+The protocol is small. A clustering function is an ``nn.Module`` with
+
+* ``num_clusters`` (int, M) and ``hard`` (bool: False for a soft assignment normalised over the
+  tokens, True for a one-cluster-per-token assignment pooled by scatter);
+* ``forward(x, size=None, key_padding_mask=None) -> logits`` with x (B, N, C), ``size`` the token
+  layout (``(H, W)`` for 2-D grids) and logits (B, M, N). Padded tokens arrive already zeroed and
+  their logits are masked afterwards, so most functions can ignore the mask;
+* ``macs(num_tokens) -> int``: its multiply-accumulates for one sequence of N tokens (the fvcore
+  convention: convolutions and linear layers, biases and activations not counted).
+
+Register your own with :func:`register_clustering`; ``ToCaAttention(clustering=...)`` then accepts
+its name, or pass a module instance directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from tocalib.pooling import SCATTER_BACKENDS
+
+__all__ = [
+    "Clustering",
+    "Conv1dClustering",
+    "Conv2dClustering",
+    "HardClustering",
+    "LinearClustering",
+    "MlpClustering",
+    "build_clustering",
+    "list_clusterings",
+    "register_clustering",
+]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_clustering(name: str) -> Callable[[type], type]:
+    """Class decorator: make ``clustering=name`` build this class as ``cls(dim, num_clusters, **kw)``."""
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"clustering name {name!r} is already registered to {_REGISTRY[name]!r}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_clusterings() -> list[str]:
+    """The registered clustering names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_clustering(spec: str | nn.Module, dim: int, num_clusters: int, **kwargs: Any) -> nn.Module:
+    """A clustering module from a registered name, or ``spec`` itself when it is already a module."""
+    if isinstance(spec, nn.Module):
+        if kwargs:
+            raise ValueError(f"clustering_kwargs {sorted(kwargs)} cannot apply to a module instance")
+        found = getattr(spec, "num_clusters", None)
+        if found != num_clusters:
+            raise ValueError(
+                f"clustering module has num_clusters={found!r} but the layer has num_clusters="
+                f"{num_clusters}; build the module with the same M"
+            )
+        return spec
+    if spec not in _REGISTRY:
+        raise ValueError(f"unknown clustering {spec!r}; known: {', '.join(list_clusterings())}")
+    return _REGISTRY[spec](dim, num_clusters, **kwargs)
+
+
+class Clustering(nn.Module):
+    """Base class of the built-in clustering functions (see the module docstring for the protocol)."""
+
+    hard: bool = False
+
+    def __init__(self, dim: int, num_clusters: int) -> None:
+        super().__init__()
+        if num_clusters < 1:
+            raise ValueError(f"num_clusters must be >= 1 for a clustering function, got {num_clusters}")
+        self.dim = dim
+        self.num_clusters = num_clusters
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_clusters={self.num_clusters}"
+
+
+@register_clustering("linear")
+class LinearClustering(Clustering):
+    """One linear map per token: logits = W x, W (M, C), no bias."""
+
+    def __init__(self, dim: int, num_clusters: int) -> None:
+        super().__init__(dim, num_clusters)
+        self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False))
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        return self.clustering(x).transpose(1, 2)
+
+    def macs(self, num_tokens: int) -> int:
+        return num_tokens * self.dim * self.num_clusters
+
+
+@register_clustering("mlp")
+class MlpClustering(Clustering):
+    """PaCa's ``P2CMlp``: Linear(C, hidden) → GELU → Linear(hidden, M), both with bias.
+
+    ``hidden`` defaults to 4·C (PaCa uses the block's MLP ratio). Needs no layout, so it suits text,
+    audio, time series and sets.
+    """
+
+    def __init__(self, dim: int, num_clusters: int, hidden_dim: int | None = None) -> None:
+        super().__init__(dim, num_clusters)
+        self.hidden_dim = hidden_dim or 4 * dim
+        self.clustering = nn.Sequential(
+            nn.Linear(dim, self.hidden_dim), nn.GELU(), nn.Linear(self.hidden_dim, num_clusters)
+        )
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        return self.clustering(x).transpose(1, 2)
+
+    def macs(self, num_tokens: int) -> int:
+        return num_tokens * self.hidden_dim * (self.dim + self.num_clusters)
+
+
+class _ConvClustering(Clustering):
+    """depthwise k-conv → GELU → 1×1 conv → GELU → 1×1 conv to M (no bias), over a 1-D or 2-D layout.
+
+    Keys follow PaCa's ``P2CConv2d``: ``clustering.{0,2,4}``. Only the first conv mixes neighbours,
+    so zeroed padding appended at the end of a sequence changes no real token's logits.
+    """
+
+    spatial_dims: int
+
+    def __init__(self, dim: int, num_clusters: int, kernel_size: int = 7) -> None:
+        super().__init__(dim, num_clusters)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.kernel_size = kernel_size
+        conv = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
+        self.clustering = nn.Sequential(
+            conv(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim),
+            nn.GELU(),
+            conv(dim, dim, 1),
+            nn.GELU(),
+            conv(dim, num_clusters, 1, bias=False),
+        )
+
+    def macs(self, num_tokens: int) -> int:
+        taps = self.kernel_size**self.spatial_dims
+        return num_tokens * self.dim * (taps + self.dim + self.num_clusters)
+
+
+@register_clustering("conv1d")
+class Conv1dClustering(_ConvClustering):
+    """Convolutional clustering along a sequence (B, N, C); needs no ``size``."""
+
+    spatial_dims = 1
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        return self.clustering(x.transpose(1, 2))
+
+
+@register_clustering("conv2d")
+class Conv2dClustering(_ConvClustering):
+    """PaCa's ``P2CConv2d`` on a 2-D grid: needs ``size=(H, W)`` with H·W = N (row-major tokens)."""
+
+    spatial_dims = 2
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        b, n, c = x.shape
+        if size is None or len(size) != 2:
+            raise ValueError(
+                f"conv2d clustering needs the token layout size=(H, W) with H*W == N (N={n}), got "
+                f"size={size!r}; pass size=(H, W), or use clustering='mlp' or 'conv1d' for sequences"
+            )
+        h, w = size
+        if h * w != n:
+            raise ValueError(f"size={tuple(size)} gives H*W={h * w} but x has N={n} tokens; they must match")
+        grid = x.transpose(1, 2).reshape(b, c, h, w)
+        return self.clustering(grid).flatten(2)
+
+
+@register_clustering("hard")
+class HardClustering(Clustering):
+    """Hard assignment: every token joins the cluster with its highest logit (softmax over clusters).
+
+    The logits come from any base clustering (``base``: a registered name or a module; default
+    ``"mlp"``). The layer pools each cluster as the mean of its members with a scatter, in O(N·C)
+    (see :mod:`tocalib.pooling`); the straight-through rule carries gradients to the base.
+    """
+
+    hard = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_clusters: int,
+        base: str | nn.Module = "mlp",
+        scatter_backend: str = "torch",
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(dim, num_clusters)
+        if scatter_backend not in SCATTER_BACKENDS:
+            raise ValueError(f"scatter_backend must be one of {SCATTER_BACKENDS}, got {scatter_backend!r}")
+        self.base = build_clustering(base, dim, num_clusters, **base_kwargs)
+        self.scatter_backend = scatter_backend
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        return self.base(x, size=size, key_padding_mask=key_padding_mask)
+
+    def macs(self, num_tokens: int) -> int:
+        return self.base.macs(num_tokens)

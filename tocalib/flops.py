@@ -1,0 +1,194 @@
+"""MAC accounting, analytic and measured, in the paper's convention (fvcore: 1 MAC = 1 "FLOP").
+
+Counted: convolutions, linear layers, matmuls, scaled dot-product attention (QKᵀ and AV), scatter-adds
+(one per source element), LayerNorm (5 per element), BatchNorm and bilinear upsampling as fvcore
+counts them. Not counted, by the same convention: biases, softmax, activations, element-wise
+arithmetic, masking and shape operations (:data:`NOT_MACS`).
+
+* :func:`toca_macs` is the closed form for one :class:`~tocalib.ToCaAttention` configuration.
+* :func:`count_macs` traces any module with fvcore plus tocalib's handles and **raises**
+  :class:`UncountedOpError` when an operator is neither counted nor declared MAC-free, so a matmul
+  that fvcore does not know can never vanish from a total. Needs ``pip install tocalib[flops]``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tocalib.attention import ToCaAttention
+
+__all__ = ["NOT_MACS", "UncountedOpError", "count_macs", "mac_analysis", "toca_macs"]
+
+_MAC_FREE_NAMES = (
+    "__and__",
+    "__or__",
+    "__xor__",
+    "__not__",
+    "abs",
+    "add",
+    "add_",
+    "all",
+    "any",
+    "amax",
+    "amin",
+    "argmax",
+    "bitwise_not",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "cos",
+    "cumsum",
+    "div",
+    "div_",
+    "dropout",
+    "eq",
+    "exp",
+    "feature_dropout",
+    "fill_",
+    "ge",
+    "gelu",
+    "gt",
+    "hardtanh",
+    "le",
+    "log",
+    "log_softmax",
+    "logical_and",
+    "logical_not",
+    "logical_or",
+    "lt",
+    "max",
+    "maximum",
+    "min",
+    "minimum",
+    "mul",
+    "mul_",
+    "ne",
+    "neg",
+    "one_hot",
+    "pow",
+    "reciprocal",
+    "relu",
+    "relu_",
+    "rsqrt",
+    "sigmoid",
+    "silu",
+    "sin",
+    "softmax",
+    "sqrt",
+    "square",
+    "sub",
+    "sum",
+    "tanh",
+    "unflatten",
+    "where",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+)
+NOT_MACS: frozenset[str] = frozenset(f"aten::{name}" for name in _MAC_FREE_NAMES)
+"""Operators that do no multiply-accumulate in the paper's convention (element-wise, activations,
+softmax, reductions, comparisons, shape): traced, then deliberately left uncounted."""
+
+
+class UncountedOpError(RuntimeError):
+    """A traced operator has no MAC handle and is not declared MAC-free."""
+
+
+def _shape(value: Any) -> list[int]:
+    return value.type().sizes()
+
+
+def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::scaled_dot_product_attention``: QKᵀ (L·S·E) plus AV (L·S·Ev) per batch-head."""
+    q, k, v = (_shape(t) for t in inputs[:3])
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def _scatter_add_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``index_add``/``scatter_add`` (self, dim, index, source): one accumulate per source element."""
+    return math.prod(_shape(inputs[3]))
+
+
+_HANDLES = {
+    "aten::scaled_dot_product_attention": _sdpa_macs,
+    "aten::index_add": _scatter_add_macs,
+    "aten::index_add_": _scatter_add_macs,
+    "aten::scatter_add": _scatter_add_macs,
+    "aten::scatter_add_": _scatter_add_macs,
+}
+
+
+class _Call(nn.Module):
+    """Binds keyword arguments so that fvcore, which passes positional inputs only, can trace."""
+
+    def __init__(self, module: nn.Module, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.kwargs = kwargs
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args, **self.kwargs)
+
+
+def mac_analysis(module: nn.Module, *args: Any, not_macs: Iterable[str] = (), **kwargs: Any) -> Any:
+    """An fvcore ``FlopCountAnalysis`` of ``module(*args, **kwargs)`` with tocalib's handles.
+
+    The module is traced as it is (call ``.eval()`` first for inference counts). Module names in
+    ``by_module()`` carry a leading ``module.``. Raises :class:`UncountedOpError` if any traced
+    operator is neither counted nor in :data:`NOT_MACS` ∪ ``not_macs``.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+            from fvcore.nn import FlopCountAnalysis
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError("measured MAC counts need fvcore: `pip install tocalib[flops]`") from err
+    analysis = FlopCountAnalysis(_Call(module, kwargs), tuple(args)).set_op_handle(**_HANDLES)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    analysis.total()
+    ignored = NOT_MACS | frozenset(not_macs)
+    missing = {op: n for op, n in analysis.unsupported_ops().items() if op not in ignored}
+    if missing:
+        raise UncountedOpError(
+            f"these traced operators have no MAC handle and are not declared MAC-free: {missing}; "
+            "register a handle with analysis.set_op_handle, or pass not_macs=[...] if they do no MACs"
+        )
+    return analysis
+
+
+def count_macs(module: nn.Module, *args: Any, not_macs: Iterable[str] = (), **kwargs: Any) -> int:
+    """Measured MACs of ``module(*args, **kwargs)`` (fvcore plus tocalib's handles), e.g.
+    ``count_macs(model.eval(), torch.ones(1, 3, 224, 224))``. See :func:`mac_analysis`."""
+    return int(mac_analysis(module, *args, not_macs=not_macs, **kwargs).total())
+
+
+def toca_macs(
+    num_tokens: int,
+    dim: int,
+    num_heads: int,
+    num_clusters: int,
+    clustering: str | None = "mlp",
+    *,
+    cluster_norm: bool = True,
+    batch_size: int = 1,
+    clustering_kwargs: dict[str, Any] | None = None,
+) -> int:
+    """Closed-form MACs of a :class:`~tocalib.ToCaAttention` forward pass on ``batch_size``
+    sequences of ``num_tokens`` tokens. ``clustering=None`` means the assignment is given (a block
+    that reuses an earlier one); ``num_clusters=0`` is full self-attention.
+
+    >>> toca_macs(3136, 96, 2, 100, "conv2d")
+    223769472
+    """
+    with torch.device("meta"):
+        layer = ToCaAttention(
+            dim, num_heads, num_clusters, clustering, cluster_norm=cluster_norm, clustering_kwargs=clustering_kwargs
+        )
+    return batch_size * layer.macs(num_tokens)
