@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models._registry import register_model
+from models.loading import load_official_state_dict
 from models.teacher import ConvMixerFPNTeacher
 from tocalib import ToCaAttention
 
@@ -402,8 +403,6 @@ def _create(name: str, pretrained: str | os.PathLike[str] | bool | None, overrid
     except TypeError as err:
         raise TypeError(f"{name}: unsupported override ({err}); see PaCaViT's arguments") from err
     if pretrained:
-        from models.loading import load_official_state_dict
-
         load_official_state_dict(model, pretrained)
     return model
 

@@ -1,0 +1,38 @@
+"""Models built from tocalib: PaCa-ViT backbones, the clustering teacher and the checkpoint loader.
+
+>>> from models import create_model, list_models
+>>> model = create_model("pacavit_tiny_p2cconv_100_0", num_classes=10)
+>>> sorted(list_models("pacavit_convmixer_*"))
+['pacavit_convmixer_base_100', 'pacavit_convmixer_small_100', 'pacavit_convmixer_tiny_100']
+
+``create_model(name, pretrained=False, **overrides)``: ``pretrained`` is a checkpoint path (official
+format, see :func:`load_official_state_dict`); overrides are :class:`~models.paca_vit.PaCaViT`
+arguments, e.g. ``num_classes`` (0 = no head), ``drop_path_rate``, ``num_clusters`` (per stage, the
+downstream override), ``features_only=True`` (``model(x)`` returns the 4 NCHW maps).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from models import paca_vit as paca_vit
+from models._registry import get_model_factory, list_models, register_model
+from models.loading import LoadReport, StateDictMismatchError, load_official_state_dict
+
+__all__ = [
+    "LoadReport",
+    "StateDictMismatchError",
+    "create_model",
+    "get_model_factory",
+    "list_models",
+    "load_official_state_dict",
+    "register_model",
+]
+
+
+def create_model(name: str, pretrained: str | os.PathLike[str] | bool = False, **overrides: Any) -> nn.Module:
+    """A fresh model registered as ``name``, optionally loaded from the checkpoint path ``pretrained``."""
+    return get_model_factory(name)(pretrained=pretrained, **overrides)

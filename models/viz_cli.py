@@ -1,0 +1,81 @@
+"""Cluster heat-maps of a PaCa-ViT model over an image.
+
+Usage::
+
+    python -m models.viz_cli IMAGE MODEL --out grid.png [--checkpoint PATH] [--size 224]
+                             [--max-clusters 8] [--cell-size 128] [--seed 0]
+
+Runs ``MODEL`` (a registered name, random weights unless ``--checkpoint`` gives an official-format
+checkpoint) on ``IMAGE`` resized to ``--size`` (an int, or ``H,W``) and normalised with the ImageNet
+mean/std, and writes a PNG grid: one row per clustered stage, the image first, then the heat-maps of
+the first ``--max-clusters`` clusters of that stage's assignment over the image. The maps come from
+``model.forward_features(x, return_assignments=True)``; rendering is :func:`tocalib.viz.render_grid`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from models import create_model, list_models
+from tocalib.viz import save_grid
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"--size must be a positive int or H,W, got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m models.viz_cli", description=__doc__.split("\n")[0])
+    parser.add_argument("image", help="input image file (any format Pillow reads)")
+    parser.add_argument("model", help="registered model name, e.g. pacavit_tiny_p2cconv_100_0")
+    parser.add_argument("--out", required=True, help="output PNG path")
+    parser.add_argument("--checkpoint", default=None, help="official-format checkpoint (default: random weights)")
+    parser.add_argument("--size", type=_size, default=(224, 224), help="input size, N or H,W (default 224)")
+    parser.add_argument("--max-clusters", type=int, default=8, help="clusters shown per stage (default 8)")
+    parser.add_argument("--cell-size", type=int, default=128, help="cell height in pixels (default 128)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    return parser
+
+
+def stage_maps(model: torch.nn.Module, rgb: np.ndarray) -> list[torch.Tensor]:
+    """The (M_i, H_i, W_i) assignment maps of every clustered stage for one (H, W, 3) uint8 image."""
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div(255)
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.inference_mode():
+        _, assignments = model.eval().forward_features(x[None], return_assignments=True)
+    return [a[0] for a in assignments if a is not None]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    from PIL import Image
+
+    args = _parser().parse_args(argv)
+    if args.model not in list_models():
+        raise SystemExit(f"unknown model {args.model!r}; choose one of: {', '.join(list_models())}")
+    if args.max_clusters < 1:
+        raise SystemExit(f"--max-clusters must be >= 1, got {args.max_clusters}")
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, pretrained=args.checkpoint or False)
+    height, width = args.size
+    rgb = np.asarray(Image.open(args.image).convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+    maps = stage_maps(model, rgb)
+    if not maps:
+        raise SystemExit(f"{args.model} has no clustered stage (num_clusters is 0 everywhere)")
+    save_grid(maps, args.out, image=rgb, max_maps=args.max_clusters, cell_size=args.cell_size)
+    print(f"wrote {args.out}: {len(maps)} stages x up to {args.max_clusters} clusters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
