@@ -1,0 +1,549 @@
+"""CPU benchmarks: ToCa against full attention and peers, PaCa-ViT against PVTv2 and Swin.
+
+    python benchmarks/bench.py [--quick] [--out outputs/bench] [--threads 2]
+
+(``nox -s bench`` installs the peers and runs it.) Three parts, all measured in one run so that the ratios
+compare like with like on a shared, noisy machine:
+
+a. **layers**: forward+backward time and peak memory of one attention layer on B=1 sequences of N tokens
+   (a √N×√N grid), N = 256 … 65,536, at (C=96, heads=2) and (C=320, heads=8): ToCa (conv2d clustering,
+   M = 49, 100), full SDPA attention, PVTv2 spatial-reduction attention (R = 8) and the PyPI peers
+   (Nyström, Perceiver IO, ISAB, Linformer; M = landmarks = latents = k = 100). A cell whose time or memory,
+   extrapolated from the smaller N of the same method, would exceed the budget is skipped with that reason.
+b. **models**: inference throughput (images/s) and peak memory of the backbones (features only) at 224²,
+   512² and 1280×800.
+c. **roof**: forward GFLOP/s (2 × analytic MACs / time) of the ToCa layer against a 2048² fp32 matmul.
+
+Peak memory is the high-water mark of the CPU allocator during one call (``torch.profiler`` memory events),
+relative to what was allocated before it. Writes ``bench.md``, ``bench.json`` and log-log ``*.png`` plots
+(when matplotlib is installed) to ``--out``, and prints every target with its measured ratio and PASS/MISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines off stderr
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from models._registry import get_model_factory
+from models.pvt_v2 import SpatialReductionAttention
+from tocalib import ToCaAttention
+
+MODEL_MODULES = ("models.pvt_v2", "models.swin", "models.paca_vit")
+"""Modules whose import registers the benchmarked models (a missing one skips its models with a reason)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run measures, and its budgets."""
+
+    layer_configs: tuple[tuple[int, int], ...]  # (C, heads)
+    layer_tokens: tuple[int, ...]  # N, each a square number
+    models: tuple[str, ...]
+    resolutions: tuple[tuple[int, int, int], ...]  # (H, W, batch)
+    roof_size: int  # side of the square matmul
+    roof_tokens: tuple[int, ...]  # N at which the ToCa layer's GFLOP/s is measured
+    exponent_range: tuple[int, int]  # N range of the fitted time exponent
+    min_reps: int
+    min_seconds: float  # keep repeating a timed call until this much time has passed
+    cell_seconds: float  # skip a cell whose predicted time for all its calls exceeds this
+    cell_bytes: float  # skip a cell whose predicted peak memory exceeds this
+
+
+FULL = Settings(
+    layer_configs=((96, 2), (320, 8)),
+    layer_tokens=(256, 1024, 3136, 4096, 16384, 65536),
+    models=(
+        "pacavit_tiny_p2cconv_100_0",
+        "pacavit_small_p2cconv_100_0",
+        "pvt_v2_b1",
+        "pvt_v2_b2",
+        "swin_tiny_patch4_window7_224",
+    ),
+    resolutions=((224, 224, 4), (512, 512, 1), (800, 1280, 1)),
+    roof_size=2048,
+    roof_tokens=(16384, 65536),
+    exponent_range=(1024, 65536),
+    min_reps=3,
+    min_seconds=1.0,
+    cell_seconds=45.0,
+    cell_bytes=6 * 2**30,
+)
+QUICK = Settings(
+    layer_configs=((32, 2),),
+    layer_tokens=(64, 256),
+    models=("pvt_v2_b0", "swin_tiny_patch4_window7_224"),
+    resolutions=((64, 64, 1),),
+    roof_size=256,
+    roof_tokens=(256,),
+    exponent_range=(64, 256),
+    min_reps=1,
+    min_seconds=0.0,
+    cell_seconds=30.0,
+    cell_bytes=2**30,
+)
+
+
+@dataclass
+class Cell:
+    """One measurement (or the reason it was skipped)."""
+
+    part: str  # "layers", "models" or "roof"
+    config: str  # e.g. "C=96,h=2" or "800x1280"
+    method: str
+    size: int  # N tokens, pixels per image, or matmul side
+    seconds: float | None = None  # median time of one call
+    peak_bytes: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+# --- measuring ----------------------------------------------------------------------------------------
+
+
+def peak_bytes(call: Callable[[], Any]) -> int:
+    """High-water mark of CPU allocations made during ``call()`` (bytes, above the level before it)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def time_call(call: Callable[[], Any], settings: Settings) -> float:
+    """Median seconds of ``call()`` over at least ``min_reps`` calls and ``min_seconds`` (after a warm-up)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < settings.min_reps or time.perf_counter() - start < settings.min_seconds:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def predict(history: list[tuple[int, float]], size: int) -> float | None:
+    """Extrapolate a cost to ``size`` from the last two (size, cost) points, with an exponent in [1, 2]."""
+    if len(history) < 2:
+        return None
+    (s0, c0), (s1, c1) = history[-2:]
+    exponent = min(2.0, max(1.0, math.log(c1 / c0) / math.log(s1 / s0))) if c0 > 0 and c1 > 0 else 2.0
+    return c1 * (size / s1) ** exponent
+
+
+def fit_exponent(points: Iterable[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(time) against log(N); None with fewer than two points."""
+    logs = [(math.log(n), math.log(t)) for n, t in points]
+    if len(logs) < 2:
+        return None
+    xs, ys = zip(*logs, strict=True)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+# --- part a: layers -----------------------------------------------------------------------------------
+
+
+class _Layer(nn.Module):
+    """Adapts an attention module to ``forward(x (B, N, C), size (H, W)) -> (B, N, C)``."""
+
+    def __init__(self, module: nn.Module, call: Callable[[nn.Module, Tensor, tuple[int, int]], Tensor]) -> None:
+        super().__init__()
+        self.module = module
+        self.call = call
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.call(self.module, x, size)
+
+
+def _peer(package: str, build: Callable[[Any], _Layer]) -> Callable[[int, int, int], _Layer]:
+    """A layer factory for a PyPI peer; importing it is deferred so that a missing peer only skips its rows."""
+
+    def factory(dim: int, heads: int, tokens: int) -> _Layer:
+        if importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(f"{package} is not installed (`nox -s bench` installs it)")
+        return build(importlib.import_module(package), dim, heads, tokens)
+
+    return factory
+
+
+PEER_M = 100
+"""Landmarks (Nyström), latents (Perceiver IO, ISAB) and projected length k (Linformer) of the peers."""
+
+LAYERS: dict[str, Callable[[int, int, int], _Layer]] = {
+    "ToCa M=49": lambda c, h, n: _Layer(ToCaAttention(c, h, 49, "conv2d"), lambda m, x, s: m(x, size=s)),
+    "ToCa M=100": lambda c, h, n: _Layer(ToCaAttention(c, h, 100, "conv2d"), lambda m, x, s: m(x, size=s)),
+    "full SDPA": lambda c, h, n: _Layer(ToCaAttention(c, h, 0), lambda m, x, s: m(x)),
+    "PVTv2 SRA R=8": lambda c, h, n: _Layer(SpatialReductionAttention(c, h, sr_ratio=8), lambda m, x, s: m(x, s)),
+    "Nystrom": _peer(
+        "nystrom_attention",
+        lambda p, c, h, n: _Layer(
+            p.NystromAttention(c, dim_head=c // h, heads=h, num_landmarks=PEER_M), lambda m, x, s: m(x)
+        ),
+    ),
+    "Perceiver IO": _peer(
+        "perceiver_pytorch",
+        lambda p, c, h, n: _Layer(
+            p.PerceiverIO(
+                depth=0, dim=c, queries_dim=c, num_latents=PEER_M, latent_dim=c, cross_heads=h, cross_dim_head=c // h
+            ),
+            lambda m, x, s: m(x, queries=x),
+        ),
+    ),
+    "ISAB": _peer(
+        "isab_pytorch",
+        lambda p, c, h, n: _Layer(p.ISAB(dim=c, heads=h, num_latents=PEER_M), lambda m, x, s: m(x)[0]),
+    ),
+    "Linformer": _peer(
+        "linformer",
+        lambda p, c, h, n: _Layer(p.LinformerSelfAttention(c, seq_len=n, k=PEER_M, heads=h), lambda m, x, s: m(x)),
+    ),
+}
+
+
+def bench_layers(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Part a: forward+backward seconds and peak bytes of every layer at every N (B = 1)."""
+    cells = []
+    for dim, heads in settings.layer_configs:
+        config = f"C={dim},h={heads}"
+        for name, factory in LAYERS.items():
+            times: list[tuple[int, float]] = []
+            peaks: list[tuple[int, float]] = []
+            for tokens in settings.layer_tokens:
+                bar.set_description(f"layers {config} {name} N={tokens}")
+                cell = Cell("layers", config, name, tokens)
+                cells.append(cell)
+                bar.update()
+                cell.skipped = _over_budget(settings, times, peaks, tokens, settings.min_reps + 1)
+                if cell.skipped:
+                    continue
+                try:
+                    layer = factory(dim, heads, tokens)
+                except ModuleNotFoundError as err:
+                    cell.skipped = str(err)
+                    continue
+                side = math.isqrt(tokens)
+                x = torch.randn(1, tokens, dim, requires_grad=True)
+                grad = torch.randn(1, tokens, dim)
+
+                def step(layer: nn.Module = layer, x: Tensor = x, grad: Tensor = grad, side: int = side) -> None:
+                    x.grad = None
+                    layer.zero_grad(set_to_none=True)
+                    layer(x, (side, side)).backward(grad)
+
+                cell.peak_bytes = peak_bytes(step)  # also the warm-up
+                cell.seconds = time_call(step, settings)
+                times.append((tokens, cell.seconds))
+                peaks.append((tokens, cell.peak_bytes))
+    return cells
+
+
+def _over_budget(
+    settings: Settings, times: list[tuple[int, float]], peaks: list[tuple[int, float]], size: int, calls: int
+) -> str | None:
+    """The reason to skip a cell whose extrapolated time or memory exceeds the budget, else None."""
+    seconds, nbytes = predict(times, size), predict(peaks, size)
+    if seconds is not None and seconds * calls > settings.cell_seconds:
+        return f"skipped: predicted {seconds:.0f} s per call × {calls} calls > {settings.cell_seconds:.0f} s budget"
+    if nbytes is not None and nbytes > settings.cell_bytes:
+        return f"skipped: predicted peak {nbytes / 2**30:.1f} GiB > {settings.cell_bytes / 2**30:.1f} GiB budget"
+    return None
+
+
+# --- part b: models -----------------------------------------------------------------------------------
+
+
+def _backbone(name: str) -> nn.Module:
+    """A registered model in features-only mode, in eval mode."""
+    for module in MODEL_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+    return get_model_factory(name)(features_only=True).eval()
+
+
+def bench_models(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Part b: inference images/s and peak bytes of every backbone at every resolution."""
+    cells = []
+    for name in settings.models:
+        model: nn.Module | None = None
+        skipped = None
+        try:
+            model = _backbone(name)
+        except ValueError as err:  # not registered (yet)
+            skipped = f"skipped: {err}"
+        for height, width, batch in settings.resolutions:
+            bar.set_description(f"models {name} {height}x{width}")
+            bar.update()
+            cell = Cell("models", f"{height}x{width}", name, height * width, extra={"batch": batch})
+            cells.append(cell)
+            if model is None:
+                cell.skipped = skipped
+                continue
+            images = torch.randn(batch, 3, height, width)
+
+            def infer(model: nn.Module = model, images: Tensor = images) -> None:
+                with torch.inference_mode():
+                    model(images)
+
+            cell.peak_bytes = peak_bytes(infer)
+            cell.seconds = time_call(infer, settings)
+            cell.extra["images_per_s"] = batch / cell.seconds
+    return cells
+
+
+# --- part c: roof -------------------------------------------------------------------------------------
+
+
+def bench_roof(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Part c: GFLOP/s of a square fp32 matmul and of the ToCa layer's forward pass (M = 100)."""
+    n = settings.roof_size
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    bar.set_description(f"roof matmul {n}²")
+    bar.update()
+    roof = Cell("roof", f"{n}x{n}", "matmul", n)
+    roof.seconds = time_call(lambda: torch.mm(a, b), settings)
+    roof.extra["gflops"] = 2 * n**3 / roof.seconds / 1e9
+    cells = [roof]
+    for dim, heads in settings.layer_configs:
+        for tokens in settings.roof_tokens:
+            bar.set_description(f"roof ToCa C={dim} N={tokens}")
+            bar.update()
+            layer = ToCaAttention(dim, heads, 100, "conv2d").eval()
+            side = math.isqrt(tokens)
+            x = torch.randn(1, tokens, dim)
+
+            def forward(layer: nn.Module = layer, x: Tensor = x, side: int = side) -> None:
+                with torch.inference_mode():
+                    layer(x, size=(side, side))
+
+            cell = Cell("roof", f"C={dim},h={heads}", "ToCa M=100 forward", tokens)
+            cell.seconds = time_call(forward, settings)
+            cell.extra["gflops"] = 2 * layer.macs(tokens) / cell.seconds / 1e9
+            cell.extra["fraction_of_matmul"] = cell.extra["gflops"] / roof.extra["gflops"]
+            cells.append(cell)
+    return cells
+
+
+# --- targets, report, plots ---------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One acceptance target: ``value`` (measured) against ``threshold``."""
+
+    name: str
+    value: float | None
+    threshold: float
+    higher_is_better: bool = True
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "N/A"
+        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+        return "PASS" if ok else "MISS"
+
+
+def _seconds(cells: list[Cell], part: str, config: str, method: str, size: int) -> float | None:
+    found = [c.seconds for c in cells if (c.part, c.config, c.method, c.size) == (part, config, method, size)]
+    return found[0] if found else None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def targets(cells: list[Cell], settings: Settings) -> list[Target]:
+    """The issue's targets, per layer config, from this run's cells."""
+    result = []
+    low, high = settings.exponent_range
+    for dim, heads in settings.layer_configs:
+        config = f"C={dim},h={heads}"
+        for tokens, factor in ((3136, 5.0), (16384, 30.0)):
+            if tokens in settings.layer_tokens:
+                speedup = _ratio(
+                    _seconds(cells, "layers", config, "full SDPA", tokens),
+                    _seconds(cells, "layers", config, "ToCa M=100", tokens),
+                )
+                result.append(Target(f"{config}: ToCa M=100 speed-up over full SDPA at N={tokens}", speedup, factor))
+        points = [
+            (c.size, c.seconds)
+            for c in cells
+            if (c.part, c.config, c.method) == ("layers", config, "ToCa M=100") and c.seconds and low <= c.size <= high
+        ]
+        result.append(
+            Target(f"{config}: ToCa M=100 time exponent in N, {low}..{high}", fit_exponent(points), 1.1, False)
+        )
+        for c in cells:
+            if (c.part, c.config) == ("roof", config) and c.size >= 16384:
+                result.append(
+                    Target(f"{config}: ToCa forward GFLOP/s / matmul at N={c.size}", c.extra["fraction_of_matmul"], 0.5)
+                )
+    big = "800x1280"
+    paca = _seconds(cells, "models", big, "pacavit_small_p2cconv_100_0", 800 * 1280)
+    pvt = _seconds(cells, "models", big, "pvt_v2_b2", 800 * 1280)
+    if any(r[:2] == (800, 1280) for r in settings.resolutions):
+        result.append(Target("PaCa-Small backbone speed-up over PVTv2-b2 at 1280x800", _ratio(pvt, paca), 1.0))
+    return result
+
+
+def _fmt(value: float | None, unit: str = "", digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}g}{unit}"
+
+
+def markdown(cells: list[Cell], goals: list[Target], header: dict[str, Any]) -> str:
+    """The Markdown report: run settings, targets, then one table per part."""
+    lines = ["# tocalib CPU benchmarks", "", ", ".join(f"{k}: {v}" for k, v in header.items()), ""]
+    lines += ["## Targets", "", "| target | measured | threshold | verdict |", "|---|---|---|---|"]
+    for goal in goals:
+        sign = "≥" if goal.higher_is_better else "≤"
+        lines.append(f"| {goal.name} | {_fmt(goal.value)} | {sign} {goal.threshold:g} | {goal.verdict} |")
+    for config in dict.fromkeys(c.config for c in cells if c.part == "layers"):
+        rows = [c for c in cells if (c.part, c.config) == ("layers", config)]
+        sizes = list(dict.fromkeys(c.size for c in rows))
+        lines += ["", f"## Layers, {config}: forward+backward ms (peak MiB), B=1", ""]
+        lines += ["| method | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        for method in dict.fromkeys(c.method for c in rows):
+            entries = []
+            for c in rows:
+                if c.method == method:
+                    measured = f"{c.seconds * 1e3:.3g} ({c.peak_bytes / 2**20:.0f})" if c.seconds else None
+                    entries.append(measured or c.skipped or "—")
+            lines.append(f"| {method} | " + " | ".join(entries) + " |")
+    models = [c for c in cells if c.part == "models"]
+    if models:
+        configs = list(dict.fromkeys(c.config for c in models))
+        lines += ["", "## Backbones (features only, inference): images/s (peak MiB)", ""]
+        lines += ["| model | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
+        for method in dict.fromkeys(c.method for c in models):
+            entries = [
+                f"{c.extra['images_per_s']:.3g} ({c.peak_bytes / 2**20:.0f})" if c.seconds else c.skipped or "—"
+                for c in models
+                if c.method == method
+            ]
+            lines.append(f"| {method} | " + " | ".join(entries) + " |")
+    lines += ["", "## Roof: forward GFLOP/s (2 × MACs / time)", "", "| what | N / side | GFLOP/s | of matmul |"]
+    lines.append("|---|---|---|---|")
+    for c in (c for c in cells if c.part == "roof"):
+        fraction = _fmt(c.extra.get("fraction_of_matmul", 1.0) * 100, " %")
+        lines.append(f"| {c.method} {c.config} | {c.size} | {c.extra['gflops']:.1f} | {fraction} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(cells: list[Cell], out: Path) -> list[Path]:
+    """Log-log plots of part a (time, memory) and part b (throughput); none without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plots (`nox -s bench` installs it)")
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    layer_cells = [c for c in cells if c.part == "layers" and c.seconds]
+    configs = list(dict.fromkeys(c.config for c in layer_cells))
+    for key, label, scale in (
+        ("seconds", "forward+backward time (ms)", 1e3),
+        ("peak_bytes", "peak memory (MiB)", 2**-20),
+    ):
+        fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.5), squeeze=False)
+        for ax, config in zip(axes[0], configs, strict=True):
+            for method in dict.fromkeys(c.method for c in layer_cells):
+                points = [
+                    (c.size, getattr(c, key) * scale) for c in layer_cells if (c.config, c.method) == (config, method)
+                ]
+                if points:
+                    ax.loglog(*zip(*points, strict=True), marker="o", label=method, lw=2.5 if "ToCa" in method else 1.2)
+            ax.set(title=config, xlabel="tokens N", ylabel=label)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / f"layers_{key}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    model_cells = [c for c in cells if c.part == "models" and c.seconds]
+    if model_cells:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for method in dict.fromkeys(c.method for c in model_cells):
+            points = [(c.size, c.extra["images_per_s"]) for c in model_cells if c.method == method]
+            ax.loglog(*zip(*points, strict=True), marker="o", label=method)
+        ax.set(xlabel="pixels per image", ylabel="images/s (inference)", title="backbones, features only")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / "models_throughput.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> list[Target]:
+    """Run the benchmark, write the reports, print the targets; returns them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every code path")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="output folder")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every measurement")
+    parser.add_argument("--parts", default="layers,models,roof", help="comma-separated subset of the parts to run")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    parts = {"layers": bench_layers, "models": bench_models, "roof": bench_roof}
+    chosen = args.parts.split(",")
+    if unknown := set(chosen) - set(parts):
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {sorted(parts)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    header = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "mode": "quick" if args.quick else "full",
+    }
+    total = (
+        ("layers" in chosen) * len(settings.layer_configs) * len(LAYERS) * len(settings.layer_tokens)
+        + ("models" in chosen) * len(settings.models) * len(settings.resolutions)
+        + ("roof" in chosen) * (1 + len(settings.layer_configs) * len(settings.roof_tokens))
+    )
+    cells: list[Cell] = []
+    start = time.perf_counter()
+    with tqdm(total=total, file=sys.stderr, dynamic_ncols=True) as bar:
+        for part in chosen:
+            cells += parts[part](settings, bar)
+    header["wall_s"] = round(time.perf_counter() - start)
+    goals = targets(cells, settings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = markdown(cells, goals, header)
+    (args.out / "bench.md").write_text(report)
+    payload = {"header": header, "cells": [asdict(c) for c in cells], "targets": [asdict(g) for g in goals]}
+    (args.out / "bench.json").write_text(json.dumps(payload, indent=1))
+    written = plots(cells, args.out)
+    print(report)
+    print("wrote", ", ".join(str(p) for p in [args.out / "bench.md", args.out / "bench.json", *written]))
+    return goals
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""PVTv2 and Swin baselines: params and fvcore MACs at 224² against the published numbers, shapes, windows;
+and a smoke test of the benchmark script."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import bench
+from models._registry import get_model_factory
+from models.pvt_v2 import SpatialReductionAttention
+from models.swin import _merge_windows, _relative_position_index, _shift_mask, _windows
+from tocalib.flops import count_macs
+
+PUBLISHED = {
+    # name: (params in M, GMACs at 224², both to the published rounding of one decimal)
+    "pvt_v2_b0": (3.7, 0.6),  # the paper's table says 3.4M; its released b0 configuration (built here) has 3.67M
+    "pvt_v2_b1": (14.0, 2.1),
+    "pvt_v2_b2": (25.4, 4.0),
+    "pvt_v2_b2_li": (22.6, 3.9),
+    "swin_tiny_patch4_window7_224": (28.3, 4.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_params_and_macs_match_published(name: str) -> None:
+    model = get_model_factory(name)().eval()
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(model, torch.ones(1, 3, 224, 224), not_macs=["aten::mean"])
+    assert (round(params / 1e6, 1), round(macs / 1e9, 1)) == PUBLISHED[name]
+
+
+SMALL = {  # cheap variants with every code path of the full models (shifted windows, linear SRA, padding)
+    "pvt_v2_b0": {},
+    "pvt_v2_b2_li": {"embed_dims": (16, 32, 40, 64), "depths": (1, 1, 1, 1)},
+    "swin_tiny_patch4_window7_224": {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("size", [(64, 64), (100, 130)])
+def test_forward_shapes(name: str, size: tuple[int, int]) -> None:
+    classifier = get_model_factory(name)(num_classes=10, **SMALL[name]).eval()
+    backbone = get_model_factory(name)(features_only=True, **SMALL[name]).eval()
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert classifier(images).shape == (2, 10)
+        maps = backbone(images)
+    assert [m.shape[1] for m in maps] == list(backbone.feature_dims)
+    for i, feature in enumerate(maps):
+        stride = 2 ** (i + 2)
+        assert feature.shape[0] == 2 and feature.shape[2:] == (-(-size[0] // stride), -(-size[1] // stride))
+
+
+def test_linear_sra_uses_49_keys_whatever_n() -> None:
+    attn = SpatialReductionAttention(32, 2, linear=True).eval()
+    seen = []
+    attn.kv.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    for side in (14, 28):
+        attn(torch.randn(1, side * side, 32), (side, side))
+    assert seen == [49, 49]
+
+
+def test_windows_round_trip() -> None:
+    x = torch.randn(2, 14, 21, 5)
+    windows = _windows(x, 7)
+    assert windows.shape == (2, 6, 49, 5)
+    assert torch.equal(windows[0, 1], x[0, :7, 7:14].reshape(49, 5))
+    assert torch.equal(_merge_windows(windows, 7, 14, 21), x)
+
+
+def test_relative_position_index_is_a_relative_offset() -> None:
+    index = _relative_position_index(3)
+    assert index.shape == (9, 9) and int(index.min()) == 0 and int(index.max()) == 24
+    assert torch.equal(index.diagonal(), torch.full((9,), 12))  # zero offset is the table's centre row
+    assert int(index[0, 8]) == 0 and int(index[8, 0]) == 24  # offsets (-2, -2) and (+2, +2)
+
+
+def test_shift_mask_separates_only_wrapped_regions() -> None:
+    mask = _shift_mask(14, 14, 7, 3)  # 2×2 windows; only the last row/column of windows mixes regions
+    assert mask.shape == (4, 49, 49)
+    assert torch.all(mask[0] == 0)
+    assert torch.all(mask.diagonal(dim1=1, dim2=2) == 0)
+    region_sizes = {1: (4 * 7, 3 * 7), 2: (4 * 7, 3 * 7), 3: (16, 12, 12, 9)}
+    for window, sizes in region_sizes.items():
+        same = (mask[window] == 0).float()
+        assert sorted(same.sum(1).unique().int().tolist()) == sorted(set(sizes))
+
+
+def test_bench_quick_runs_end_to_end(tmp_path) -> None:
+    goals = bench.main(["--quick", "--out", str(tmp_path)])
+    report = (tmp_path / "bench.md").read_text()
+    assert "ToCa M=100" in report and "pvt_v2_b0" in report and "matmul" in report
+    assert (tmp_path / "bench.json").exists()
+    assert all(goal.verdict in {"PASS", "MISS", "N/A"} for goal in goals)
