@@ -18,7 +18,7 @@ def tests(session: nox.Session) -> None:
     install(session)
     # torch-scatter ships as source only and must build against the installed torch.
     session.install(*CONSTRAINTS, "--no-build-isolation", "torch-scatter")
-    session.run("pytest", "-q", *session.posargs)
+    session.run("pytest", "-q", *session.posargs, env={"TOCALIB_REQUIRE_TORCH_SCATTER": "1"})
 
 
 @nox.session

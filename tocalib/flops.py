@@ -111,6 +111,20 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _einsum_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """Exact ``aten::einsum`` of two operands: the product of the sizes of all distinct indices
+    (fvcore's own handle estimates it through numpy's contraction path and can be off)."""
+    equation = inputs[0].toIValue().replace(" ", "")
+    operands = inputs[1].node().inputs()
+    terms = equation.split("->")[0].split(",")
+    if len(terms) != 2 or "." in equation:
+        raise UncountedOpError(f"einsum {equation!r}: only two-operand einsums without '...' have a MAC handle")
+    sizes: dict[str, int] = {}
+    for term, operand in zip(terms, operands, strict=True):
+        sizes.update(zip(term, _shape(operand), strict=True))
+    return math.prod(sizes.values())
+
+
 def _scatter_add_macs(inputs: list[Any], outputs: list[Any]) -> int:
     """``index_add``/``scatter_add`` (self, dim, index, source): one accumulate per source element."""
     return math.prod(_shape(inputs[3]))
@@ -118,6 +132,7 @@ def _scatter_add_macs(inputs: list[Any], outputs: list[Any]) -> int:
 
 _HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_macs,
+    "aten::einsum": _einsum_macs,
     "aten::index_add": _scatter_add_macs,
     "aten::index_add_": _scatter_add_macs,
     "aten::scatter_add": _scatter_add_macs,
