@@ -33,3 +33,17 @@ def lint(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+BENCH_PEERS = ("nystrom-attention", "perceiver-pytorch", "isab-pytorch", "linformer")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """CPU benchmarks: ToCa against full attention and PyPI peers, PaCa-ViT against PVTv2 and Swin.
+
+    Writes outputs/bench/{bench.md,bench.json,*.png} in ≲ 20 minutes on 2 cores; options after ``--``
+    (e.g. ``nox -s bench -- --quick`` or ``-- --threads 1``). The peers are installed here only.
+    """
+    session.install(*CONSTRAINTS, "-e", ".[test,flops,viz]", *BENCH_PEERS, "matplotlib", "tqdm")
+    session.run("python", "benchmarks/bench.py", *session.posargs)

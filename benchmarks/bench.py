@@ -8,11 +8,15 @@ compare like with like on a shared, noisy machine:
 a. **layers**: forward+backward time and peak memory of one attention layer on B=1 sequences of N tokens
    (a √N×√N grid), N = 256 … 65,536, at (C=96, heads=2) and (C=320, heads=8): ToCa (conv2d clustering,
    M = 49, 100), full SDPA attention, PVTv2 spatial-reduction attention (R = 8) and the PyPI peers
-   (Nyström, Perceiver IO, ISAB, Linformer; M = landmarks = latents = k = 100). A cell whose time or memory,
+   (Nyström, Perceiver IO, ISAB, Linformer; M = landmarks = latents = k = 100). "ToCa M=100 mlp" swaps PaCa's
+   conv2d clustering for the MLP one (no layout needed). A cell whose time or memory,
    extrapolated from the smaller N of the same method, would exceed the budget is skipped with that reason.
 b. **models**: inference throughput (images/s) and peak memory of the backbones (features only) at 224²,
    512² and 1280×800.
 c. **roof**: forward GFLOP/s (2 × analytic MACs / time) of the ToCa layer against a 2048² fp32 matmul.
+d. **profile**: the operators that take the ToCa layer's forward+backward time (``torch.profiler``).
+
+Times are the best of several calls (the sample least disturbed by other processes).
 
 Peak memory is the high-water mark of the CPU allocator during one call (``torch.profiler`` memory events),
 relative to what was allocated before it. Writes ``bench.md``, ``bench.json`` and log-log ``*.png`` plots
@@ -66,6 +70,7 @@ class Settings:
     exponent_range: tuple[int, int]  # N range of the fitted time exponent
     min_reps: int
     min_seconds: float  # keep repeating a timed call until this much time has passed
+    max_seconds: float  # but stop repeating after this long
     cell_seconds: float  # skip a cell whose predicted time for all its calls exceeds this
     cell_bytes: float  # skip a cell whose predicted peak memory exceeds this
 
@@ -85,8 +90,9 @@ FULL = Settings(
     roof_tokens=(16384, 65536),
     exponent_range=(1024, 65536),
     min_reps=3,
-    min_seconds=1.0,
-    cell_seconds=45.0,
+    min_seconds=1.5,
+    max_seconds=10.0,
+    cell_seconds=60.0,
     cell_bytes=6 * 2**30,
 )
 QUICK = Settings(
@@ -99,6 +105,7 @@ QUICK = Settings(
     exponent_range=(64, 256),
     min_reps=1,
     min_seconds=0.0,
+    max_seconds=1.0,
     cell_seconds=30.0,
     cell_bytes=2**30,
 )
@@ -134,14 +141,20 @@ def peak_bytes(call: Callable[[], Any]) -> int:
 
 
 def time_call(call: Callable[[], Any], settings: Settings) -> float:
-    """Median seconds of ``call()`` over at least ``min_reps`` calls and ``min_seconds`` (after a warm-up)."""
+    """Best (minimum) seconds of ``call()``, the sample least disturbed by other processes on a shared machine.
+
+    Repeats until ``min_reps`` calls and ``min_seconds`` have passed, or ``max_seconds`` (at least one call).
+    """
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < settings.min_reps or time.perf_counter() - start < settings.min_seconds:
+    while not times or (
+        (len(times) < settings.min_reps or time.perf_counter() - start < settings.min_seconds)
+        and time.perf_counter() - start < settings.max_seconds
+    ):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def predict(history: list[tuple[int, float]], size: int) -> float | None:
@@ -195,6 +208,7 @@ PEER_M = 100
 LAYERS: dict[str, Callable[[int, int, int], _Layer]] = {
     "ToCa M=49": lambda c, h, n: _Layer(ToCaAttention(c, h, 49, "conv2d"), lambda m, x, s: m(x, size=s)),
     "ToCa M=100": lambda c, h, n: _Layer(ToCaAttention(c, h, 100, "conv2d"), lambda m, x, s: m(x, size=s)),
+    "ToCa M=100 mlp": lambda c, h, n: _Layer(ToCaAttention(c, h, 100, "mlp"), lambda m, x, s: m(x)),
     "full SDPA": lambda c, h, n: _Layer(ToCaAttention(c, h, 0), lambda m, x, s: m(x)),
     "PVTv2 SRA R=8": lambda c, h, n: _Layer(SpatialReductionAttention(c, h, sr_ratio=8), lambda m, x, s: m(x, s)),
     "Nystrom": _peer(
@@ -236,7 +250,7 @@ def bench_layers(settings: Settings, bar: tqdm) -> list[Cell]:
                 cell = Cell("layers", config, name, tokens)
                 cells.append(cell)
                 bar.update()
-                cell.skipped = _over_budget(settings, times, peaks, tokens, settings.min_reps + 1)
+                cell.skipped = _over_budget(settings, times, peaks, tokens)
                 if cell.skipped:
                     continue
                 try:
@@ -261,12 +275,13 @@ def bench_layers(settings: Settings, bar: tqdm) -> list[Cell]:
 
 
 def _over_budget(
-    settings: Settings, times: list[tuple[int, float]], peaks: list[tuple[int, float]], size: int, calls: int
+    settings: Settings, times: list[tuple[int, float]], peaks: list[tuple[int, float]], size: int
 ) -> str | None:
-    """The reason to skip a cell whose extrapolated time or memory exceeds the budget, else None."""
+    """The reason to skip a cell whose extrapolated time (of its two calls at least: the profiled warm-up and
+    one timed call) or memory exceeds the budget, else None."""
     seconds, nbytes = predict(times, size), predict(peaks, size)
-    if seconds is not None and seconds * calls > settings.cell_seconds:
-        return f"skipped: predicted {seconds:.0f} s per call × {calls} calls > {settings.cell_seconds:.0f} s budget"
+    if seconds is not None and 2 * seconds > settings.cell_seconds:
+        return f"skipped: predicted 2 calls × {seconds:.0f} s > {settings.cell_seconds:.0f} s budget"
     if nbytes is not None and nbytes > settings.cell_bytes:
         return f"skipped: predicted peak {nbytes / 2**30:.1f} GiB > {settings.cell_bytes / 2**30:.1f} GiB budget"
     return None
@@ -342,6 +357,39 @@ def bench_roof(settings: Settings, bar: tqdm) -> list[Cell]:
             cell.seconds = time_call(forward, settings)
             cell.extra["gflops"] = 2 * layer.macs(tokens) / cell.seconds / 1e9
             cell.extra["fraction_of_matmul"] = cell.extra["gflops"] / roof.extra["gflops"]
+            cells.append(cell)
+    return cells
+
+
+# --- part d: profile ----------------------------------------------------------------------------------
+
+PROFILE_TOP = 10
+"""Operators listed per profiled configuration."""
+
+
+def bench_profile(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Part d: where the ToCa layer (M = 100) spends a forward+backward pass at the largest N ≤ 16,384.
+
+    One cell per operator and input shapes, ``seconds`` = its self CPU time, the top ``PROFILE_TOP`` kept.
+    """
+    tokens = max(n for n in settings.layer_tokens if n <= 16384)
+    side = math.isqrt(tokens)
+    cells = []
+    for dim, heads in settings.layer_configs:
+        bar.set_description(f"profile ToCa C={dim} N={tokens}")
+        bar.update()
+        layer = ToCaAttention(dim, heads, 100, "conv2d")
+        x = torch.randn(1, tokens, dim, requires_grad=True)
+        layer(x, size=(side, side)).sum().backward()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            layer(x, size=(side, side)).sum().backward()
+        ops = prof.key_averages(group_by_input_shape=True)
+        total = sum(op.self_cpu_time_total for op in ops)
+        for op in sorted(ops, key=lambda op: op.self_cpu_time_total, reverse=True)[:PROFILE_TOP]:
+            shapes = ", ".join(str(tuple(shape)) for shape in op.input_shapes if shape)
+            share = op.self_cpu_time_total / total
+            cell = Cell("profile", f"C={dim},h={heads}", f"{op.key} {shapes}", tokens, op.self_cpu_time_total / 1e6)
+            cell.extra["share"] = share
             cells.append(cell)
     return cells
 
@@ -444,6 +492,11 @@ def markdown(cells: list[Cell], goals: list[Target], header: dict[str, Any]) -> 
                 if c.method == method
             ]
             lines.append(f"| {method} | " + " | ".join(entries) + " |")
+    for config in dict.fromkeys(c.config for c in cells if c.part == "profile"):
+        rows = [c for c in cells if (c.part, c.config) == ("profile", config)]
+        lines += ["", f"## Profile: ToCa M=100 forward+backward, {config}, N={rows[0].size} (top self CPU time)", ""]
+        lines += ["| operator (input shapes) | ms | share |", "|---|---|---|"]
+        lines += [f"| {c.method} | {c.seconds * 1e3:.1f} | {c.extra['share'] * 100:.0f} % |" for c in rows]
     lines += ["", "## Roof: forward GFLOP/s (2 × MACs / time)", "", "| what | N / side | GFLOP/s | of matmul |"]
     lines.append("|---|---|---|---|")
     for c in (c for c in cells if c.part == "roof"):
@@ -506,10 +559,12 @@ def main(argv: list[str] | None = None) -> list[Target]:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every code path")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="output folder")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every measurement")
-    parser.add_argument("--parts", default="layers,models,roof", help="comma-separated subset of the parts to run")
+    parser.add_argument(
+        "--parts", default="layers,models,roof,profile", help="comma-separated subset of the parts to run"
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    parts = {"layers": bench_layers, "models": bench_models, "roof": bench_roof}
+    parts = {"layers": bench_layers, "models": bench_models, "roof": bench_roof, "profile": bench_profile}
     chosen = args.parts.split(",")
     if unknown := set(chosen) - set(parts):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {sorted(parts)}")
@@ -526,6 +581,7 @@ def main(argv: list[str] | None = None) -> list[Target]:
         ("layers" in chosen) * len(settings.layer_configs) * len(LAYERS) * len(settings.layer_tokens)
         + ("models" in chosen) * len(settings.models) * len(settings.resolutions)
         + ("roof" in chosen) * (1 + len(settings.layer_configs) * len(settings.roof_tokens))
+        + ("profile" in chosen) * len(settings.layer_configs)
     )
     cells: list[Cell] = []
     start = time.perf_counter()
