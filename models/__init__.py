@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from models import paca_vit as paca_vit
+from models import paca_vit, pvt_v2, swin  # noqa: F401  (importing a family registers its models)
 from models._registry import get_model_factory, list_models, register_model
 from models.loading import LoadReport, StateDictMismatchError, load_official_state_dict
 

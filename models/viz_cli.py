@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from PIL import Image
 
     args = _parser().parse_args(argv)
-    if args.model not in list_models():
-        raise SystemExit(f"unknown model {args.model!r}; choose one of: {', '.join(list_models())}")
+    if args.model not in list_models("pacavit_*"):
+        raise SystemExit(f"unknown PaCa-ViT model {args.model!r}; choose one of: {', '.join(list_models('pacavit_*'))}")
     if args.max_clusters < 1:
         raise SystemExit(f"--max-clusters must be >= 1, got {args.max_clusters}")
     torch.manual_seed(args.seed)
