@@ -5,9 +5,9 @@ cluster (e.g. a soft assignment (M, N) reshaped to its token grid); every map is
 its own, colour-mapped and, when an image is given, blended over it.
 
 >>> import numpy as np
->>> grid = render_grid([np.random.rand(4, 7, 7), np.random.rand(2, 4, 4)], cell_size=32)
->>> grid.size
-(128, 64)
+>>> grid = render_grid([np.random.rand(4, 7, 7), np.random.rand(2, 4, 4)], cell_size=32, gap=2)
+>>> grid.size  # 4 columns of 32 px and 3 gaps, 2 rows and 1 gap
+(134, 66)
 """
 
 from __future__ import annotations
