@@ -9,7 +9,9 @@ For tokens x (B, N, C) the layer computes
 
 exactly as PaCa-ViT's ``PaCaLayer``. ``num_clusters=0`` turns it into plain multi-head
 self-attention (PaCa's last stage). The input is expected to be normalised already (pre-norm
-blocks), as in PaCa.
+blocks), as in PaCa. Variants: cross-attention (clusters pooled from a separate ``context``),
+causal (position t sees clusters of tokens ≤ t, :mod:`tocalib.causal`) and packed batches
+(``cu_seqlens``, :mod:`tocalib.packing`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tocalib._checks import check_inputs
+from tocalib.causal import prefix_pool_chunks
 from tocalib.clustering import build_clustering
+from tocalib.packing import pack, unpack
 from tocalib.pooling import cluster_counts, hard_assign, hard_assignment_matrix, pool, scatter_mean_pool, soft_assign
 
 __all__ = ["ToCaAttention", "ToCaIntermediates"]
@@ -34,11 +39,13 @@ class ToCaIntermediates:
     """What one forward pass computed besides its output (fields are None where not computed).
 
     Attributes:
-        assignment: (B, M, N) the normalised assignment that built the clusters.
-        logits: (B, M, N) the raw clustering logits (None when the assignment was given).
-        clusters: (B, M, C) the cluster tokens after ``cluster_norm``.
+        assignment: (B, M, L) the normalised assignment that built the clusters (L = N, or the
+            context length in cross-attention; in causal mode, the one the last position sees).
+        logits: (B, M, L) the raw clustering logits (None when the assignment was given).
+        clusters: (B, M, C) the cluster tokens after ``cluster_norm`` (None in causal mode, where
+            every position has its own).
         attn_weights: (B, heads, N, M) token-to-cluster attention weights, only with
-            ``need_weights=True`` (for M = 0 they are (B, heads, N, N)).
+            ``need_weights=True`` (for M = 0 they are (B, heads, N, L)).
     """
 
     assignment: Tensor | None = None
@@ -53,7 +60,7 @@ class ToCaAttention(nn.Module):
     Args:
         dim: token width C; must be divisible by ``num_heads``.
         num_heads: attention heads.
-        num_clusters: M clusters; 0 gives plain multi-head self-attention over the tokens.
+        num_clusters: M clusters; 0 gives plain multi-head attention over the tokens.
         clustering: a registered clustering name (see :func:`tocalib.list_clusterings`), a clustering
             module, or None for a layer that always receives ``assignment=`` (a block that reuses an
             earlier block's assignment, or one fed by a teacher).
@@ -63,6 +70,10 @@ class ToCaAttention(nn.Module):
         cluster_norm: LayerNorm on the cluster tokens Z (PaCa's default).
         norm_eps: that LayerNorm's eps.
         clustering_kwargs: extra arguments for a named clustering, e.g. ``{"kernel_size": 5}``.
+        causal: position t attends only to clusters pooled from tokens ≤ t (needs a clustering whose
+            logit for token s uses tokens ≤ s: ``linear``, ``mlp`` or ``conv1d`` with
+            ``clustering_kwargs={"causal": True}``). Cost is linear in N for fixed M and chunk size.
+        chunk_size: positions per step of the causal scan (memory ∝ B·M·chunk·max(chunk, C)).
 
     Example:
         >>> attn = ToCaAttention(dim=64, num_heads=4, num_clusters=8)
@@ -82,6 +93,8 @@ class ToCaAttention(nn.Module):
         cluster_norm: bool = True,
         norm_eps: float = 1e-6,
         clustering_kwargs: dict[str, Any] | None = None,
+        causal: bool = False,
+        chunk_size: int = 64,
     ) -> None:
         super().__init__()
         if dim < 1 or num_heads < 1 or dim % num_heads != 0:
@@ -91,15 +104,21 @@ class ToCaAttention(nn.Module):
             )
         if num_clusters < 0:
             raise ValueError(f"num_clusters must be >= 0 (0 = full self-attention), got {num_clusters}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.num_clusters = num_clusters
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.dim, self.num_heads, self.num_clusters = dim, num_heads, num_clusters
         self.head_dim = dim // num_heads
         self.attn_drop_p = attn_drop
+        self.causal, self.chunk_size = causal, chunk_size
         if num_clusters and clustering is not None:
             self.clustering = build_clustering(clustering, dim, num_clusters, **(clustering_kwargs or {}))
         else:
             self.clustering = None
+        if causal and num_clusters and not getattr(self.clustering, "causal_safe", False):
+            raise ValueError(
+                f"causal=True needs a clustering whose logit for token s uses only tokens <= s, got {clustering!r}; "
+                "use 'linear', 'mlp', or 'conv1d' with clustering_kwargs={'causal': True}"
+            )
         self.cluster_norm = nn.LayerNorm(dim, eps=norm_eps) if num_clusters and cluster_norm else nn.Identity()
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
@@ -109,7 +128,7 @@ class ToCaAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}, causal={self.causal}"
 
     def forward(
         self,
@@ -117,6 +136,8 @@ class ToCaAttention(nn.Module):
         size: Sequence[int] | None = None,
         key_padding_mask: Tensor | None = None,
         assignment: Tensor | None = None,
+        context: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
         return_assignment: bool = False,
         return_intermediates: bool = False,
         need_weights: bool = False,
@@ -124,19 +145,22 @@ class ToCaAttention(nn.Module):
         """Attend from every token to the clusters.
 
         Args:
-            x: (B, N, C) tokens.
-            size: token layout, ``(H, W)`` for 2-D clustering (H·W = N); ignored by the others.
-            key_padding_mask: (B, N) bool, True marks padding. Padded tokens get zero weight in every
-                cluster, so real tokens' outputs do not depend on them.
-            assignment: (B, M, N) an already normalised assignment to reuse instead of clustering.
-            return_assignment: also return the (B, M, N) assignment that was used.
+            x: (B, N, C) query tokens, or (T, C) packed sequences with ``cu_seqlens``.
+            size: layout of the clustered tokens, ``(H, W)`` for 2-D clustering; ignored otherwise.
+            key_padding_mask: (B, L) bool over the clustered tokens (x, or ``context``), True marks
+                padding: padded tokens get zero weight in every cluster, so nothing depends on them.
+            assignment: (B, M, L) an already normalised assignment to reuse instead of clustering.
+            context: (B, L, C) cross-attention: clusters are pooled from these tokens instead of x.
+            cu_seqlens: (S + 1,) int cumulative lengths of S sequences packed into x (T, C); the output
+                is packed the same way and equals the padded computation.
+            return_assignment: also return the (B, M, L) assignment that was used.
             return_intermediates: also return a :class:`ToCaIntermediates` record.
             need_weights: compute the (B, heads, N, M) attention weights on the explicit path (the
                 default path is ``F.scaled_dot_product_attention``); needs ``return_intermediates``.
 
         Returns:
             y (B, N, C); ``(y, assignment)`` with ``return_assignment``; ``(y, intermediates)`` with
-            ``return_intermediates``.
+            ``return_intermediates``. With ``cu_seqlens``, y is (T, C) and the assignment (S, M, max_len).
         """
         if return_assignment and return_intermediates:
             raise ValueError(
@@ -146,28 +170,39 @@ class ToCaAttention(nn.Module):
             raise ValueError(
                 "need_weights=True returns the weights in the intermediates: also pass return_intermediates=True"
             )
-        keep = self._check_inputs(x, key_padding_mask, assignment)
+        if cu_seqlens is not None:
+            if key_padding_mask is not None or context is not None or size is not None:
+                raise ValueError(
+                    "cu_seqlens describes the whole batch: do not combine it with key_padding_mask, context or size"
+                )
+            padded, pad = unpack(x, cu_seqlens)
+            out = self(padded, key_padding_mask=pad, assignment=assignment, return_assignment=return_assignment,
+                       return_intermediates=return_intermediates, need_weights=need_weights)  # fmt: skip
+            return (pack(out[0], pad), out[1]) if isinstance(out, tuple) else pack(out, pad)
+        keep = check_inputs(self, x, context, key_padding_mask, assignment)
+        source = x if context is None else context
         if keep is not None:
-            x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
+            source = source.masked_fill(~keep.unsqueeze(-1), 0.0)
+            x = source if context is None else x
         record = ToCaIntermediates()
-        attn_mask = None
-        if self.num_clusters == 0:
-            kv = x
-            if keep is not None:  # sequences with no real token attend to all, which keeps them finite
-                attn_mask = (keep | ~keep.any(dim=1, keepdim=True))[:, None, None, :]
+        q = self._heads(self.q(x))
+        if self.causal and self.num_clusters:
+            out = self._causal_clusters(q, source, size, key_padding_mask, keep, need_weights, record)
         else:
-            want = return_assignment or return_intermediates
-            kv = self.cluster_norm(self._cluster(x, size, key_padding_mask, keep, assignment, want, record))
-            record.clusters = kv
-        out = self._attend(
-            self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv)), attn_mask, need_weights, record
-        )
-        y = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
+            attn_mask = self._key_mask(keep, x.shape[1], source.shape[1])
+            if self.num_clusters:
+                want = return_assignment or return_intermediates
+                kv = self.cluster_norm(self._cluster(source, size, key_padding_mask, keep, assignment, want, record))
+                record.clusters = kv
+            else:
+                kv = source
+            out, record.attn_weights = self._attend(
+                q, self._heads(self.k(kv)), self._heads(self.v(kv)), attn_mask, need_weights
+            )
+        y = self.proj_drop(self.proj(out.transpose(-3, -2).flatten(-2)))
         if return_assignment:
             return y, record.assignment
-        if return_intermediates:
-            return y, record
-        return y
+        return (y, record) if return_intermediates else y
 
     def _cluster(
         self,
@@ -186,6 +221,17 @@ class ToCaAttention(nn.Module):
         if assignment is not None:
             record.assignment = assignment
             return pool(assignment.to(x.dtype), x)
+        record.logits = logits = self._logits(x, size, key_padding_mask)
+        if not getattr(self.clustering, "hard", False):
+            record.assignment = soft_assign(logits, keep)
+            return pool(record.assignment, x)
+        index, weight = hard_assign(logits, keep)
+        counts = cluster_counts(index, weight, self.num_clusters)
+        if want_assignment:
+            record.assignment = hard_assignment_matrix(index, weight, counts)
+        return scatter_mean_pool(x, index, weight, counts, self.clustering.scatter_backend)
+
+    def _logits(self, x: Tensor, size: Sequence[int] | None, key_padding_mask: Tensor | None) -> Tensor:
         if self.clustering is None:
             raise ValueError(
                 "this ToCaAttention has no clustering function (clustering=None): pass assignment= "
@@ -197,79 +243,102 @@ class ToCaAttention(nn.Module):
             raise ValueError(
                 f"clustering returned logits of shape {tuple(logits.shape)}, expected (B, M, N) = {expected}"
             )
-        record.logits = logits
-        if not getattr(self.clustering, "hard", False):
-            record.assignment = soft_assign(logits, keep)
-            return pool(record.assignment, x)
-        index, weight = hard_assign(logits, keep)
-        counts = cluster_counts(index, weight, self.num_clusters)
-        if want_assignment:
-            record.assignment = hard_assignment_matrix(index, weight, counts)
-        return scatter_mean_pool(x, index, weight, counts, self.clustering.scatter_backend)
+        return logits
+
+    def _causal_clusters(
+        self,
+        q: Tensor,
+        x: Tensor,
+        size: Sequence[int] | None,
+        key_padding_mask: Tensor | None,
+        keep: Tensor | None,
+        need_weights: bool,
+        record: ToCaIntermediates,
+    ) -> Tensor:
+        """(B, heads, N, head_dim): each position attends to the clusters of its own prefix.
+
+        With ``cluster_norm`` the prefix clusters of x are normalised and projected per position
+        (k, v: 2·M·C² MACs per position); without it k and v are affine, so the prefix clusters of
+        k(x) and v(x) are pooled directly (4·C² per position).
+        """
+        record.logits = logits = self._logits(x, size, key_padding_mask)
+        record.assignment = soft_assign(logits, keep)
+        normed = isinstance(self.cluster_norm, nn.LayerNorm)
+        features = x if normed else torch.cat([self.k(x), self.v(x)], dim=-1)
+        outs, weights = [], []
+        for chunk, z in prefix_pool_chunks(logits, features, keep, self.chunk_size):  # z (B, T, M, F)
+            if normed:
+                z = self.cluster_norm(z)
+                k, v = self.k(z), self.v(z)
+            else:
+                k, v = z.chunk(2, dim=-1)
+            q_chunk = q[:, :, chunk].transpose(1, 2).unsqueeze(-2)  # (B, T, heads, 1, head_dim)
+            out, w = self._attend(q_chunk, self._heads(k), self._heads(v), None, need_weights)
+            outs.append(out.squeeze(-2).transpose(1, 2))
+            weights.append(w)
+        if need_weights:
+            record.attn_weights = torch.cat(weights, dim=1).squeeze(-2).transpose(1, 2)
+        return torch.cat(outs, dim=2)
+
+    def _key_mask(self, keep: Tensor | None, n: int, length: int) -> Tensor | None:
+        """Boolean attention mask (B or 1, 1, N, L) for attention over the raw tokens (M = 0), or None."""
+        if self.num_clusters or (keep is None and not self.causal):
+            return None
+        allowed = torch.ones(1, 1, n, length, dtype=torch.bool, device=self.q.weight.device)
+        if self.causal:
+            allowed = allowed.tril()
+        if keep is not None:
+            allowed = allowed & keep[:, None, None, :]
+        # a query with no allowed key would get NaN: it attends to everything allowed causally instead
+        return allowed | (~allowed.any(-1, keepdim=True) & torch.ones_like(allowed).tril())
 
     def _heads(self, t: Tensor) -> Tensor:
-        """(B, L, C) → (B, heads, L, head_dim)."""
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        """(..., L, C) → (..., heads, L, head_dim)."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
     def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, need_weights: bool, record: ToCaIntermediates
-    ) -> Tensor:
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, need_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """Scaled dot-product attention: SDPA by default, explicit matmuls when weights are needed."""
         if not need_weights:
             dropout_p = self.attn_drop_p if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p), None
         scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
-        record.attn_weights = scores.softmax(dim=-1)
-        return torch.matmul(self.attn_drop(record.attn_weights), v)
+        weights = scores.softmax(dim=-1)
+        return torch.matmul(self.attn_drop(weights), v), weights
 
-    def _check_inputs(self, x: Tensor, key_padding_mask: Tensor | None, assignment: Tensor | None) -> Tensor | None:
-        """Validate shapes and dtypes; return ``keep`` (B, N) bool (True = real token) or None."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"x must have shape (B, N, C) with C = dim = {self.dim}, got {tuple(x.shape)}; "
-                f"for an image feature map (B, C, H, W) pass x.flatten(2).transpose(1, 2) and size=(H, W)"
-            )
-        b, n, _ = x.shape
-        if assignment is not None:
-            if self.num_clusters == 0:
-                raise ValueError("assignment= was given but this layer has num_clusters=0 (plain self-attention)")
-            if tuple(assignment.shape) != (b, self.num_clusters, n) or not assignment.is_floating_point():
-                raise ValueError(
-                    f"assignment must be a floating tensor of shape (B, M, N) = {(b, self.num_clusters, n)}, "
-                    f"got {assignment.dtype} {tuple(assignment.shape)}"
-                )
-        if key_padding_mask is None:
-            return None
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, n):
-            raise ValueError(
-                f"key_padding_mask must be a bool tensor of shape (B, N) = {(b, n)} with True = padding, got "
-                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}; convert with `mask.bool()`"
-            )
-        return ~key_padding_mask
-
-    def macs(self, num_tokens: int, computes_assignment: bool | None = None) -> int:
+    def macs(self, num_tokens: int, computes_assignment: bool | None = None, context_tokens: int | None = None) -> int:
         """Analytic multiply-accumulates of one forward pass on one sequence of ``num_tokens`` tokens.
 
         fvcore convention (what the PaCa paper calls FLOPs): linear/conv/matmul MACs, LayerNorm at
         5 per element, a scatter-add at 1 per source element; biases, softmax and activations are
         free. ``computes_assignment`` (default: the layer has a clustering function) says whether
-        this call runs the clustering or reuses a given assignment.
+        this call runs the clustering or reuses a given assignment; ``context_tokens`` is the
+        context length L in cross-attention.
         """
         n, c, m = num_tokens, self.dim, self.num_clusters
+        length = n if context_tokens is None else context_tokens
         total = 2 * n * c * c  # q and proj
         if m == 0:
-            return total + 2 * n * c * c + 2 * n * n * c  # k, v on tokens; QKᵀ and AV
+            return total + 2 * length * c * c + 2 * n * length * c  # k, v on the tokens; QKᵀ and AV
+        if computes_assignment is None:
+            computes_assignment = self.clustering is not None
+        if computes_assignment and self.clustering is None:
+            raise ValueError("computes_assignment=True but this layer has no clustering function")
+        clustering = self.clustering.macs(length) if computes_assignment else 0
+        if self.causal:
+            chunks = [min(self.chunk_size, n - start) for start in range(0, n, self.chunk_size)]
+            normed = isinstance(self.cluster_norm, nn.LayerNorm)
+            width = c if normed else 2 * c
+            per_position = 5 * m * c + 2 * m * c * c if normed else 0
+            projections = 0 if normed else 2 * n * c * c
+            pooling = m * width * sum(t * t for t in chunks)
+            return total + clustering + projections + pooling + n * per_position + 2 * n * m * c
         total += 2 * m * c * c + 2 * n * m * c  # k, v on clusters; QKᵀ and AV
         if isinstance(self.cluster_norm, nn.LayerNorm):
             total += 5 * m * c
-        if computes_assignment is None:
-            computes_assignment = self.clustering is not None
-        if not computes_assignment:
-            return total + n * m * c  # pooling C · X
-        if self.clustering is None:
-            raise ValueError("computes_assignment=True but this layer has no clustering function")
-        hard = getattr(self.clustering, "hard", False)
-        pooling = n * c + n if hard else n * m * c  # hard: member sums and member counts by scatter
-        return total + pooling + self.clustering.macs(n)
+        hard = computes_assignment and getattr(self.clustering, "hard", False)
+        pooling = length * c + length if hard else length * m * c  # hard: member sums and counts by scatter
+        return total + pooling + clustering

@@ -4,6 +4,8 @@ The protocol is small. A clustering function is an ``nn.Module`` with
 
 * ``num_clusters`` (int, M) and ``hard`` (bool: False for a soft assignment normalised over the
   tokens, True for a one-cluster-per-token assignment pooled by scatter);
+* ``causal_safe`` (bool): the logit of token s depends on tokens ≤ s only, so the function may serve
+  a causal layer;
 * ``forward(x, size=None, key_padding_mask=None) -> logits`` with x (B, N, C), ``size`` the token
   layout (``(H, W)`` for 2-D grids) and logits (B, M, N). Padded tokens arrive already zeroed and
   their logits are masked afterwards, so most functions can ignore the mask;
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tocalib.pooling import SCATTER_BACKENDS
@@ -76,6 +79,7 @@ class Clustering(nn.Module):
     """Base class of the built-in clustering functions (see the module docstring for the protocol)."""
 
     hard: bool = False
+    causal_safe: bool = False
 
     def __init__(self, dim: int, num_clusters: int) -> None:
         super().__init__()
@@ -91,6 +95,8 @@ class Clustering(nn.Module):
 @register_clustering("linear")
 class LinearClustering(Clustering):
     """One linear map per token: logits = W x, W (M, C), no bias."""
+
+    causal_safe = True
 
     def __init__(self, dim: int, num_clusters: int) -> None:
         super().__init__(dim, num_clusters)
@@ -110,6 +116,8 @@ class MlpClustering(Clustering):
     ``hidden`` defaults to 4·C (PaCa uses the block's MLP ratio). Needs no layout, so it suits text,
     audio, time series and sets.
     """
+
+    causal_safe = True
 
     def __init__(self, dim: int, num_clusters: int, hidden_dim: int | None = None) -> None:
         super().__init__(dim, num_clusters)
@@ -134,14 +142,16 @@ class _ConvClustering(Clustering):
 
     spatial_dims: int
 
-    def __init__(self, dim: int, num_clusters: int, kernel_size: int = 7) -> None:
+    def __init__(
+        self, dim: int, num_clusters: int, kernel_size: int = 7, padding: int | tuple[int, ...] | None = None
+    ) -> None:
         super().__init__(dim, num_clusters)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
         self.kernel_size = kernel_size
         conv = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
         self.clustering = nn.Sequential(
-            conv(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim),
+            conv(dim, dim, kernel_size, padding=kernel_size // 2 if padding is None else padding, groups=dim),
             nn.GELU(),
             conv(dim, dim, 1),
             nn.GELU(),
@@ -155,12 +165,23 @@ class _ConvClustering(Clustering):
 
 @register_clustering("conv1d")
 class Conv1dClustering(_ConvClustering):
-    """Convolutional clustering along a sequence (B, N, C); needs no ``size``."""
+    """Convolutional clustering along a sequence (B, N, C); needs no ``size``.
+
+    ``causal=True`` pads only on the left, so token s's logits see tokens s - k + 1 … s: the
+    function may then serve a causal layer.
+    """
 
     spatial_dims = 1
 
+    def __init__(self, dim: int, num_clusters: int, kernel_size: int = 7, causal: bool = False) -> None:
+        super().__init__(dim, num_clusters, kernel_size, padding=0 if causal else None)
+        self.causal = self.causal_safe = causal
+
     def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
-        return self.clustering(x.transpose(1, 2))
+        tokens = x.transpose(1, 2)
+        if self.causal:
+            tokens = F.pad(tokens, (self.kernel_size - 1, 0))
+        return self.clustering(tokens)
 
 
 @register_clustering("conv2d")

@@ -257,7 +257,7 @@ class TestClearErrors:
             make("conv2d")(torch.randn(2, 12, 16), size=(3, 5))
 
     def test_assignment_of_wrong_shape(self):
-        with pytest.raises(ValueError, match=r"assignment must be .* \(B, M, N\) = \(2, 4, 12\)"):
+        with pytest.raises(ValueError, match=r"assignment must be .* \(B, M, L\) = \(2, 4, 12\)"):
             make("mlp")(torch.randn(2, 12, 16), assignment=torch.rand(2, 5, 12))
 
     def test_assignment_of_wrong_dtype(self):
@@ -269,7 +269,7 @@ class TestClearErrors:
             make(None, clusters=0)(torch.randn(2, 12, 16), assignment=torch.rand(2, 4, 12))
 
     def test_mask_of_wrong_shape(self):
-        with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape \(B, N\) = \(2, 12\)"):
+        with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape \(B, L\) = \(2, 12\)"):
             make("mlp")(torch.randn(2, 12, 16), key_padding_mask=torch.zeros(2, 11, dtype=torch.bool))
 
     def test_mask_of_wrong_dtype(self):
