@@ -64,19 +64,18 @@ class BlurConv2d(nn.Module):
     """A fixed depthwise 3×3 binomial blur ([1,2,1]ᵀ[1,2,1]/16, stride 1) followed by ``conv``.
 
     (B, C_in, H, W) → (B, C_out, H', W'). The blur kernel is the persistent buffer ``blur_filter``
-    of shape (1, 1, 3, 3), shared by all channels.
+    of shape (C_in, 1, 3, 3), one copy per input channel, as in the official checkpoints (the
+    layer follows MosaicML Composer's ``BlurConv2d`` with ``blur_first=True``).
     """
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> None:
         super().__init__()
         taps = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("blur_filter", (torch.outer(taps, taps) / 16).reshape(1, 1, 3, 3))
+        self.register_buffer("blur_filter", (torch.outer(taps, taps) / 16).repeat(in_chans, 1, 1, 1))
         self.conv = nn.Conv2d(in_chans, out_chans, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        channels = x.shape[1]
-        blurred = F.conv2d(x, self.blur_filter.expand(channels, 1, 3, 3), padding=1, groups=channels)
-        return self.conv(blurred)
+        return self.conv(F.conv2d(x, self.blur_filter, padding=1, groups=self.blur_filter.shape[0]))
 
 
 class ConvMixerFPNTeacher(nn.Module):

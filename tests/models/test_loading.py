@@ -101,7 +101,7 @@ def official_layout(
             for j in range(teacher[i]):
                 convmixer(f"{t}.block{i + 1}.{j}", c)
             if i < 3:
-                shapes[f"{t}.transition{i + 1}.0.blur_filter"] = (1, 1, 3, 3)
+                shapes[f"{t}.transition{i + 1}.0.blur_filter"] = (c, 1, 3, 3)  # one kernel per input channel
                 conv(f"{t}.transition{i + 1}.0.conv", c, dims[i + 1], 3)
                 batchnorm(f"{t}.transition{i + 1}.2", dims[i + 1])
                 conv(f"{t}.lateral{i + 1}.0", dims[i + 1], c, 1)
@@ -126,7 +126,8 @@ def synthetic_checkpoint(layout: Layout, seed: int = 0) -> dict[str, torch.Tenso
         if key.endswith("num_batches_tracked"):
             state[key] = torch.tensor(7)
         elif key.endswith("blur_filter"):
-            state[key] = (torch.outer(torch.tensor([1.0, 2, 1]), torch.tensor([1.0, 2, 1])) / 16).reshape(shape)
+            taps = torch.tensor([1.0, 2, 1])
+            state[key] = (torch.outer(taps, taps) / 16).expand(shape).clone()
         elif key.endswith("running_var"):
             state[key] = torch.rand(shape, generator=g) + 0.5
         else:

@@ -149,7 +149,7 @@ def reference_forward(sd: dict[str, torch.Tensor], cfg: dict, x: torch.Tensor) -
         for i in range(4):
             if i:
                 p = f"paca_teacher.transition{i}"
-                t = F.conv2d(t, sd[f"{p}.0.blur_filter"].repeat(t.shape[1], 1, 1, 1), padding=1, groups=t.shape[1])
+                t = F.conv2d(t, sd[f"{p}.0.blur_filter"], padding=1, groups=t.shape[1])
                 t = bn(F.gelu(conv(t, f"{p}.0.conv", stride=2, padding=1)), f"{p}.2")
             for j in range(teacher[i]):
                 t = mixer(t, f"paca_teacher.block{i + 1}.{j}")

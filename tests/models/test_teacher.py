@@ -64,7 +64,8 @@ def test_the_top_level_reaches_the_finest_assignment_through_the_fpn():
 def test_the_blur_is_a_fixed_binomial_buffer_saved_in_the_state_dict():
     blur = BlurConv2d(3, 5)
     taps = torch.tensor([1.0, 2.0, 1.0])
-    assert torch.equal(blur.state_dict()["blur_filter"], (torch.outer(taps, taps) / 16).reshape(1, 1, 3, 3))
+    kernel = (torch.outer(taps, taps) / 16).expand(3, 1, 3, 3)  # (C_in, 1, 3, 3), as Composer's BlurConv2d
+    assert torch.equal(blur.state_dict()["blur_filter"], kernel)
     assert "blur_filter" not in dict(blur.named_parameters())
     with torch.no_grad():
         blur.conv.weight.zero_()
