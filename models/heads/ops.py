@@ -59,14 +59,21 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if scores.shape != boxes.shape[:1]:
         raise ValueError(f"scores must have shape ({boxes.shape[0]},) to match boxes, got {tuple(scores.shape)}")
     order = torch.sort(scores, descending=True, stable=True).indices
-    ranked = boxes[order]
+    x1, y1, x2, y2 = boxes[order].unbind(dim=1)
+    areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
     suppressed = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
     keep = []
     for i in range(len(order)):
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed[i + 1 :] |= box_iou(ranked[i : i + 1], ranked[i + 1 :])[0] > iou_threshold
+        rest = slice(i + 1, None)
+        inter = (torch.minimum(x2[rest], x2[i]) - torch.maximum(x1[rest], x1[i])).clamp(min=0) * (
+            torch.minimum(y2[rest], y2[i]) - torch.maximum(y1[rest], y1[i])
+        ).clamp(min=0)
+        union = areas[rest] + areas[i] - inter
+        # inter > thr·union is IoU > thr without dividing (and never true for an empty union)
+        suppressed[rest] |= inter > iou_threshold * union
     return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 
