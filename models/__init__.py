@@ -9,6 +9,11 @@
 format, see :func:`load_official_state_dict`); overrides are :class:`~models.paca_vit.PaCaViT`
 arguments, e.g. ``num_classes`` (0 = no head), ``drop_path_rate``, ``num_clusters`` (per stage, the
 downstream override), ``features_only=True`` (``model(x)`` returns the 4 NCHW maps).
+
+PaCa-ViT outputs: ``model(x)`` logits; ``model.forward_features(x)`` the 4 NCHW maps after the stage
+norms (strides 4, 8, 16, 32); ``model.forward_features(x, return_assignments=True)`` also returns
+each stage's cluster assignment as a (B, M_i, H_i, W_i) map from the same pass (see
+:mod:`models.paca_vit`). Heat-maps: ``python -m models.viz_cli IMAGE MODEL --out grid.png``.
 """
 
 from __future__ import annotations

@@ -137,8 +137,9 @@ class PaCaBlock(nn.Module):
         dim: token width C.
         num_heads: attention heads.
         num_clusters: M (0 = plain self-attention).
-        clustering: ``"conv2d"``/``"mlp"`` for a block that computes its assignment, None for one that
-            reuses the previous block's or the teacher's.
+        clustering: a :mod:`tocalib.clustering` name (PaCa: ``"conv2d"``, or ``"mlp"`` with hidden width
+            ``mlp_ratio``·C) for a block that computes its assignment, None for one that reuses the
+            previous block's or the teacher's.
         mlp_ratio: FFN hidden width / C.
         drop_path: stochastic-depth rate of both branches.
         drop: dropout after the attention projection and in the FFN.
@@ -158,11 +159,18 @@ class PaCaBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1_before = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
         self.attn = ToCaAttention(
-            dim, num_heads, num_clusters, clustering=clustering, attn_drop=attn_drop, proj_drop=drop
+            dim,
+            num_heads,
+            num_clusters,
+            clustering=clustering,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            clustering_kwargs={"hidden_dim": hidden} if clustering == "mlp" else None,  # P2CMlp: the MLP's width
         )
         self.norm2_before = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, hidden, drop)
         self.drop_path = DropPath(drop_path)
 
     @property
@@ -219,7 +227,8 @@ class PaCaViT(nn.Module):
         num_heads: attention heads per stage.
         num_clusters: M_i per stage (an int applies to all); 0 = plain self-attention. This is also
             the downstream override (e.g. ADE20k's 200).
-        clustering: ``"conv2d"`` (PaCa's P2CConv2d, kernel 7) or ``"mlp"`` (P2CMlp, hidden 4·C).
+        clustering: ``"conv2d"`` (PaCa's P2CConv2d, kernel 7) or ``"mlp"`` (P2CMlp, hidden ``mlp_ratio``·C);
+            any other registered :mod:`tocalib.clustering` name works too (e.g. ``"linear"``).
         recompute_every: per stage, where the clustering runs: 0 stage-wise, 1 block-wise, k every k
             blocks (see the module docstring). Ignored with a teacher.
         teacher_depths: ConvMixer depths per level to use the clustering teacher; None = no teacher.
