@@ -12,6 +12,7 @@ from tocalib.clustering import (
     list_clusterings,
     register_clustering,
 )
+from tocalib.compat import ToCaMultiheadAttention
 
 __all__ = [
     "Clustering",
@@ -22,6 +23,7 @@ __all__ = [
     "MlpClustering",
     "ToCaAttention",
     "ToCaIntermediates",
+    "ToCaMultiheadAttention",
     "build_clustering",
     "list_clusterings",
     "register_clustering",
