@@ -135,7 +135,7 @@ def decode_deltas(
     the image.
     """
     _check_boxes(boxes, "boxes")
-    d = (deltas.reshape(len(deltas), -1, 4) * deltas.new_tensor(stds)).clone()
+    d = deltas.reshape(len(deltas), -1, 4) * deltas.new_tensor(stds)
     d[..., 2:] = d[..., 2:].clamp(-_MAX_DW, _MAX_DW)
     centre = ((boxes[:, :2] + boxes[:, 2:]) * 0.5)[:, None]
     size = (boxes[:, 2:] - boxes[:, :2])[:, None]

@@ -68,11 +68,18 @@ def _check_detections(result: dict[str, torch.Tensor], hw: tuple[int, int], labe
         assert not (mask & ~inside).any()
 
 
-def test_mask_rcnn_inference_at_512() -> None:
+def test_mask_rcnn_inference_at_256() -> None:
     cfg = MaskRCNNTestConfig(rpn_max_per_img=200, max_per_img=8)  # fewer RoIs keep the default suite fast
-    results = _tiny_mask_rcnn(3, cfg).predict(torch.randn(1, 3, 512, 480))  # 480 is padded to 512 internally
+    results = _tiny_mask_rcnn(3, cfg).predict(torch.randn(1, 3, 256, 224))  # 224 is padded to 256 internally
     assert len(results) == 1
-    _check_detections(results[0], (512, 480), label=3, max_dets=8)
+    _check_detections(results[0], (256, 224), label=3, max_dets=8)
+
+
+@pytest.mark.slow
+def test_mask_rcnn_inference_at_512() -> None:
+    results = _tiny_mask_rcnn(3, MaskRCNNTestConfig()).predict(torch.randn(1, 3, 512, 480))
+    assert len(results) == 1
+    _check_detections(results[0], (512, 480), label=3, max_dets=100)
 
 
 @pytest.mark.slow
