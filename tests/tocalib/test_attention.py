@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
 
 from tocalib import ToCaAttention, list_clusterings
 
@@ -136,33 +135,22 @@ def test_permuting_tokens_permutes_outputs_for_layout_free_clusterings(clusterin
     torch.testing.assert_close(y_perm, y[:, perm], atol=1e-5, rtol=1e-5)
 
 
-def mha_with_weights_of(layer: ToCaAttention) -> nn.MultiheadAttention:
-    """PyTorch's own MultiheadAttention carrying the same q/k/v/proj weights."""
-    mha = nn.MultiheadAttention(layer.dim, layer.num_heads, batch_first=True).eval()
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([layer.q.weight, layer.k.weight, layer.v.weight]))
-        mha.in_proj_bias.copy_(torch.cat([layer.q.bias, layer.k.bias, layer.v.bias]))
-        mha.out_proj.weight.copy_(layer.proj.weight)
-        mha.out_proj.bias.copy_(layer.proj.bias)
-    return mha
-
-
 @given(n=st.integers(1, 20), heads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
-def test_identity_assignment_with_m_equal_n_is_full_self_attention(n, heads, seed):
+def test_identity_assignment_with_m_equal_n_is_full_self_attention(multihead_like, n, heads, seed):
     layer = make(None, dim=16, heads=heads, clusters=n, seed=seed, cluster_norm=False)
     x = torch.randn(2, n, 16, generator=torch.Generator().manual_seed(seed))
     identity = torch.eye(n).expand(2, n, n)
-    expected, _ = mha_with_weights_of(layer)(x, x, x, need_weights=False)
+    expected, _ = multihead_like(layer)(x, x, x, need_weights=False)
     torch.testing.assert_close(layer(x, assignment=identity), expected, atol=1e-5, rtol=1e-5)
 
 
 @given(n=st.integers(1, 20), seed=st.integers(0, 2**16))
-def test_zero_clusters_is_full_self_attention_with_padding(n, seed):
+def test_zero_clusters_is_full_self_attention_with_padding(multihead_like, n, seed):
     layer = make(None, clusters=0, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, n, 16, generator=gen)
     pad = random_padding(2, n, gen)
-    expected, _ = mha_with_weights_of(layer)(x, x, x, key_padding_mask=pad, need_weights=False)
+    expected, _ = multihead_like(layer)(x, x, x, key_padding_mask=pad, need_weights=False)
     real = ~pad
     torch.testing.assert_close(layer(x, key_padding_mask=pad)[real], expected[real], atol=1e-5, rtol=1e-5)
 

@@ -67,14 +67,10 @@ def test_no_output_depends_on_a_later_token(clustering, kwargs):
     assert torch.all(influence[~future] > 0)
 
 
-def test_causal_full_attention_is_pytorchs_causal_attention():
+def test_causal_full_attention_is_pytorchs_causal_attention(multihead_like):
     torch.manual_seed(0)
     layer = ToCaAttention(16, 2, 0, causal=True).eval()
-    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([layer.q.weight, layer.k.weight, layer.v.weight]))
-        mha.in_proj_bias.copy_(torch.cat([layer.q.bias, layer.k.bias, layer.v.bias]))
-        mha.out_proj.load_state_dict(layer.proj.state_dict())
+    mha = multihead_like(layer)
     x = torch.randn(2, 11, 16)
     mask = nn.Transformer.generate_square_subsequent_mask(11)
     expected, _ = mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
@@ -120,17 +116,8 @@ def test_causal_layer_refuses_what_would_leak_or_is_undefined():
         layer(torch.randn(1, 5, 16), context=torch.randn(1, 6, 16))
 
 
-def mha_like(layer: ToCaAttention) -> nn.MultiheadAttention:
-    mha = nn.MultiheadAttention(16, layer.num_heads, batch_first=True).eval()
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([layer.q.weight, layer.k.weight, layer.v.weight]))
-        mha.in_proj_bias.copy_(torch.cat([layer.q.bias, layer.k.bias, layer.v.bias]))
-        mha.out_proj.load_state_dict(layer.proj.state_dict())
-    return mha
-
-
 @given(n=st.integers(1, 12), length=st.integers(1, 20), seed=st.integers(0, 2**16))
-def test_cross_toca_is_attention_from_x_to_the_clusters_of_the_context(n, length, seed):
+def test_cross_toca_is_attention_from_x_to_the_clusters_of_the_context(multihead_like, n, length, seed):
     torch.manual_seed(seed)
     layer = ToCaAttention(16, 2, 5, clustering="mlp").eval()
     x, ctx = torch.randn(2, n, 16), torch.randn(2, length, 16)
@@ -139,20 +126,20 @@ def test_cross_toca_is_attention_from_x_to_the_clusters_of_the_context(n, length
     y, record = layer(x, context=ctx, key_padding_mask=pad, return_intermediates=True)
     assert y.shape == (2, n, 16) and record.assignment.shape == (2, 5, length)
     clusters = layer.cluster_norm(record.assignment @ ctx)
-    expected, _ = mha_like(layer)(x, clusters, clusters, need_weights=False)
+    expected, _ = multihead_like(layer)(x, clusters, clusters, need_weights=False)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     garbage = torch.cat([ctx, 1e3 * torch.randn(2, 3, 16)], dim=1)
     longer_pad = torch.cat([pad, torch.ones(2, 3, dtype=torch.bool)], dim=1)
     torch.testing.assert_close(layer(x, context=garbage, key_padding_mask=longer_pad), y, atol=1e-5, rtol=1e-5)
 
 
-def test_cross_full_attention_is_pytorchs_cross_attention_and_costs_are_analytic():
+def test_cross_full_attention_is_pytorchs_cross_attention_and_costs_are_analytic(multihead_like):
     torch.manual_seed(0)
     layer = ToCaAttention(16, 2, 0).eval()
     x, ctx = torch.randn(2, 7, 16), torch.randn(2, 13, 16)
     pad = torch.zeros(2, 13, dtype=torch.bool)
     pad[1, 6:] = True
-    expected, _ = mha_like(layer)(x, ctx, ctx, key_padding_mask=pad, need_weights=False)
+    expected, _ = multihead_like(layer)(x, ctx, ctx, key_padding_mask=pad, need_weights=False)
     torch.testing.assert_close(layer(x, context=ctx, key_padding_mask=pad), expected, atol=1e-5, rtol=1e-5)
     assert count_macs(layer, x, context=ctx) == 2 * layer.macs(7, context_tokens=13)
     toca = ToCaAttention(16, 2, 5, clustering="conv1d").eval()
