@@ -1,18 +1,36 @@
 """MAC counts of the dense-prediction models in the paper's conventions.
 
-**ADE20k** (`segmentor_macs`): fvcore rules (:func:`tocalib.flops.count_macs`) on mmseg's "tensor" forward,
-backbone + decode head up to the 1/4-resolution logits, auxiliary head not run. This reproduces the README.
+**ADE20k** (:func:`segmentor_macs`): fvcore rules (:func:`tocalib.flops.count_macs`) on mmseg's "tensor"
+forward at 512×512, backbone + decode head up to the 1/4-resolution logits, auxiliary head not run. This
+reproduces every README row within 1 %.
 
-**COCO** (`mask_rcnn_macs`): the README numbers are backbone + FPN under fvcore rules plus about 132.8 G for
-the heads, while fvcore's rules give the heads only about 117.9 G at 1280×800 (1000 proposals into the box
-head, 100 RoIs into the mask head: mmdet's test ``max_per_img`` and its tensor-mode ``rois[:100]``). The
-difference is one operator: the mask head's 2×2 stride-2 transposed convolution. fvcore (and mmcv's hook
-counter) count a transposed convolution once per *input* position; torchprofile, which the official
-``get_flops.py`` also prints, counts every convolution once per *output* position
-(``prod(out_shape) · C_in · k²``), i.e. 4× for this layer: 100 × 28² × 256 × 256 × 4 = 20.55 G instead of
-5.14 G, +15.41 G. ``convention="paper"`` counts transposed convolutions that way and everything else as
-fvcore does; ``convention="fvcore"`` is plain fvcore. The RoIAlign, anchor, decoding and NMS steps do no
-counted MACs in either tool (mmcv's RoIAlign is an opaque custom op to both) and are not counted here.
+**COCO** (:func:`mask_rcnn_macs`): every README row is fvcore(backbone + FPN) at 1280×800 plus 132.8 ± 0.4 G
+(dossier §4 R3), but fvcore's rules give the RPN and RoI heads only 117.9 G. The gap is one operator, the mask
+head's 2×2 stride-2 transposed convolution. fvcore (and mmcv's hook counter) count a transposed convolution
+once per *input* position; torchprofile, whose count the official ``get_flops.py`` prints next to mmengine's,
+counts every convolution per *output* position (``prod(out_shape) · C_in · k²``), 4× for this layer:
+100 RoIs × 28² × 256 × 256 × 4 = 20.55 G instead of 5.14 G, +15.41 G. ``convention="paper"`` counts transposed
+convolutions that way and all else as fvcore; ``convention="fvcore"`` is plain fvcore.
+
+PaCa-Tiny at 1280×800 (``mask_rcnn_macs``, GMACs; README 252):
+
+===================  =======  =============================================================================
+backbone              65.557  fvcore, features-only PaCa-Tiny
+FPN                   52.942  1×1 laterals 2.785 + 3×3 outputs 589,824 × 85,000 positions 50.135 + nearest
+                              upsampling 0.022 (P6 max-pool: 0)
+RPN head              50.616  3×3 conv 589,824 × 85,260 positions (P2–P6) 50.288 + 1×1 cls/reg 3,840 × 85,260
+box head              14.304  1000 proposals (``rpn_max_per_img``) × 14,304,256 (12544·1024 + 1024² + 1024·401)
+mask head             68.400  100 RoIs (``max_per_img``) × (4 × 115,605,504 convs + 205,520,896 deconvolution
+                              per output position + 16,056,320 logits); 52.986 with fvcore's rule
+total                251.819  (fvcore rule: 236.405, −6.2 %)
+===================  =======  =============================================================================
+
+Alternatives that were checked and rejected: mmcv's hook counter adds bias, ReLU and pooling terms worth only
+~0.14 G in these heads and cannot see the backbone's functional attention; a box head on 2000 RoIs gives
+132.2 G, a mask head on 128 RoIs 132.7 G, but neither count occurs at test time (mmdet keeps 1000 proposals and
+its tensor-mode forward runs the mask head on ``rois[:100]``). The remaining −0.5 G mean difference to the
+README is consistent with torchprofile's lighter LayerNorm rule (1 per element instead of 5). RoIAlign, anchors,
+decoding and NMS do no counted MACs in either tool (mmcv's RoIAlign is an opaque custom op) and are not counted.
 """
 
 from __future__ import annotations

@@ -136,6 +136,10 @@ def test_coco_flops(name: str, readme_params: float, readme_flops: float) -> Non
     output position (``convention="paper"``, see :mod:`models.heads.flops`); fvcore's own rule misses by ~6%."""
     counts = mask_rcnn_macs(build_detector(name), (1280, 800), "paper")
     _check_flops(counts["total"], readme_flops)
+    positions = 320 * 200 + 160 * 100 + 80 * 50 + 40 * 25 + 20 * 13  # P2–P6 at 1280×800
+    assert counts["rpn_head"] == positions * (256 * 256 * 9 + 256 * 15)
+    assert counts["bbox_head"] == 1000 * (256 * 49 * 1024 + 1024 * 1024 + 1024 * (81 + 320))
+    assert counts["mask_head"] == 100 * (4 * 14**2 * 256 * 256 * 9 + 28**2 * 256 * 256 * 4 + 28**2 * 256 * 80)
 
 
 @pytest.mark.slow
