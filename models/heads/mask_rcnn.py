@@ -215,7 +215,7 @@ class RoIHead(nn.Module):
             box, score = boxes[roi_index, label], scores[roi_index, label]
             keep = batched_nms(box, score, label, cfg.iou_threshold)[: cfg.max_per_img]
             box, score, label = box[keep], score[keep], label[keep]
-            masks = torch.zeros(0, *image_hw, dtype=torch.bool)
+            masks = torch.zeros(0, *image_hw, dtype=torch.bool, device=box.device)
             if len(box):
                 rois = F.pad(box, (1, 0), value=float(b))
                 mask_logits = self.mask_head(extract_roi_features(levels, rois, self.strides, 14))
