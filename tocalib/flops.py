@@ -64,6 +64,7 @@ _MAC_FREE_NAMES = (
     "lt",
     "max",
     "maximum",
+    "mean",
     "min",
     "minimum",
     "mul",
@@ -130,6 +131,12 @@ def _einsum_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(sizes.values())
 
 
+def _convolution_mode_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::_convolution_mode`` (a conv with ``padding="same"``/``"valid"``, which fvcore does not
+    count): one MAC per output element and weight entry of its group, like any convolution."""
+    return math.prod(_shape(outputs[0])) * math.prod(_shape(inputs[1])[1:])
+
+
 def _scatter_add_macs(inputs: list[Any], outputs: list[Any]) -> int:
     """``index_add``/``scatter_add`` (self, dim, index, source): one accumulate per source element."""
     return math.prod(_shape(inputs[3]))
@@ -138,6 +145,7 @@ def _scatter_add_macs(inputs: list[Any], outputs: list[Any]) -> int:
 _HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_macs,
     "aten::einsum": _einsum_macs,
+    "aten::_convolution_mode": _convolution_mode_macs,
     "aten::index_add": _scatter_add_macs,
     "aten::index_add_": _scatter_add_macs,
     "aten::scatter_add": _scatter_add_macs,

@@ -92,3 +92,10 @@ def test_two_operand_einsum_is_counted_exactly():
             return torch.einsum("bmn,bnc->bmc", c, x)
 
     assert count_macs(Pool(), torch.randn(2, 64, 64), torch.randn(2, 64, 32)) == 2 * 64 * 64 * 32
+
+
+@pytest.mark.parametrize("padding", ["same", 1])
+def test_a_same_padded_convolution_counts_like_an_explicitly_padded_one(padding):
+    """fvcore has no handle for ``aten::_convolution_mode`` (``padding="same"``); tocalib's counts it."""
+    conv = nn.Conv2d(8, 16, 3, padding=padding, groups=2)
+    assert count_macs(conv, torch.randn(2, 8, 10, 12)) == 2 * 16 * 10 * 12 * (8 // 2) * 3 * 3
