@@ -9,6 +9,7 @@ FPN + Mask R-CNN, their pure-PyTorch operators, MAC counting and mmdet/mmseg che
 torch.Size([1, 150, 32, 32])
 """
 
+from models.heads.flops import mask_rcnn_macs, segmentor_macs
 from models.heads.fpn import FPN
 from models.heads.loading import load_mmengine_checkpoint
 from models.heads.mask_rcnn import FCNMaskHead, MaskRCNN, MaskRCNNTestConfig, RoIHead, RPNHead, Shared2FCBBoxHead
@@ -29,6 +30,8 @@ __all__ = [
     "Shared2FCBBoxHead",
     "UPerHead",
     "load_mmengine_checkpoint",
+    "mask_rcnn_macs",
     "paca_segmentor",
+    "segmentor_macs",
     "upernet_segmentor",
 ]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.heads import FCNHead, PaCaSegHead, UPerHead
+from models.heads import FCNHead, PaCaSegHead, UPerHead, upernet_segmentor
 from models.heads.common import IGNORE_INDEX
 from tocalib.flops import count_macs
 
@@ -117,3 +117,32 @@ def test_heads_name_the_mismatched_feature_map() -> None:
         UPerHead(DIMS)(features)
     with pytest.raises(ValueError, match="expects 4 feature maps"):
         PaCaSegHead(DIMS)(features[:3])
+
+
+class _StridePools(torch.nn.Module):
+    """A stand-in backbone: strided average pools plus fixed channel projections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.ModuleList(torch.nn.Conv2d(3, c, 1) for c in DIMS)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [proj(F.avg_pool2d(x, 2 ** (i + 2))) for i, proj in enumerate(self.proj)]
+
+
+def test_upernet_segmentor_losses_and_whole_image_prediction() -> None:
+    model = upernet_segmentor(_StridePools(), DIMS, num_classes=6).eval()
+    img = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 6, (2, 64, 96))
+    losses = model.loss(img, labels)
+    features = model.extract_feat(img)
+    expected_aux = F.cross_entropy(
+        F.interpolate(model.auxiliary_head(features), size=(64, 96), mode="bilinear", align_corners=False), labels
+    )
+    assert sorted(losses) == ["aux.loss_ce", "decode.loss_ce"]
+    torch.testing.assert_close(losses["aux.loss_ce"], 0.4 * expected_aux)
+    assert model(img).shape == (2, 6, 16, 24)  # tensor mode: decode head at 1/4, auxiliary head not run
+    logits = model.predict_logits(img)
+    assert logits.shape == (2, 6, 64, 96)
+    assert torch.equal(model.predict(img), logits.argmax(1))
+    assert model.predict(img, size=(32, 48)).shape == (2, 32, 48)
