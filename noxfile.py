@@ -51,8 +51,8 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo_sequence(session: nox.Session) -> None:
-    """ToCa vs full attention forecasting weekly Mauna Loa CO2 (data ships in statsmodels); CPU, about 10 min
-    on 2 idle cores. Writes outputs/sequence_demo/{results.md,results.json,assignments.png}. Options after
-    `--` go to the demo, e.g. `nox -s demo_sequence -- --steps 50`."""
+    """ToCa vs full attention forecasting weekly Mauna Loa CO2 (data ships in statsmodels); CPU, about 9 min on
+    the shared 2-core machine; not a default session. Writes outputs/sequence_demo/{results.md,results.json,
+    assignments.png}. Options after `--` go to the demo, e.g. `nox -s demo_sequence -- --steps 50`."""
     session.install(*CONSTRAINTS, "-e", ".[test,flops,viz]", "statsmodels")
     session.run("python", "examples/sequence_demo.py", *session.posargs)

@@ -306,7 +306,8 @@ def cluster_statistics(model: Forecaster, split: Split, dates: np.ndarray, batch
       ``season_focus_uniform`` is the same for uniform weights over the window (the chance level).
     * ``time_spread``: the weighted standard deviation of a cluster's token positions over N
       (0.29 for uniform weights, 0 for a single token).
-    * ``tokens_per_cluster``: the effective number of tokens 1 / Σ_n c_n².
+    * ``tokens_per_cluster``: the effective number of tokens 1 / Σ_n c_n² (N for uniform weights).
+    * ``peak_over_uniform``: a cluster's largest token weight times N (1 for uniform weights).
     """
     model.eval()
     sums: list[dict[str, float]] = []
@@ -328,6 +329,7 @@ def cluster_statistics(model: Forecaster, split: Split, dates: np.ndarray, batch
                 "season_focus_uniform": uniform,
                 "time_spread": ((c * (positions - mean_pos) ** 2).sum(-1).sqrt()).mean(1).sum().item(),
                 "tokens_per_cluster": (1 / c.pow(2).sum(-1)).mean(1).sum().item(),
+                "peak_over_uniform": (c.amax(-1) * model.context).mean(1).sum().item(),
             }
             if layer == len(sums):
                 sums.append(dict.fromkeys(stats, 0.0))
@@ -391,10 +393,10 @@ def render_assignments(
     draw.line([(left + context * step_px, top), (left + context * step_px, top + plot_h)], fill=(150, 150, 150))
     draw.line(xy(np.arange(context), values[:context]), fill="black", width=1)
     draw.line(xy(np.arange(context, steps), values[context:]), fill=(120, 120, 120), width=2)
-    palette = [(214, 96, 0), (31, 119, 180), (44, 160, 44)]
+    palette = [((214, 96, 0), 4), ((31, 119, 180), 2), ((44, 160, 44), 1)]  # wide lines first: overlaps stay visible
     legend = [("context / truth", (0, 0, 0))]
-    for (name, forecast), colour in zip(forecasts.items(), palette, strict=False):
-        draw.line(xy(np.arange(context, steps), forecast), fill=colour, width=2)
+    for (name, forecast), (colour, line_width) in zip(forecasts.items(), palette, strict=False):
+        draw.line(xy(np.arange(context, steps), forecast), fill=colour, width=line_width)
         legend.append((name, colour))
     for k, (name, colour) in enumerate(legend):  # Pillow's default font has no dashes: draw the key as a line
         draw.line([(left + 10 + 260 * k, 14), (left + 30 + 260 * k, 14)], fill=colour, width=2)
@@ -407,13 +409,20 @@ def render_assignments(
     y = top + plot_h
     for layer, c in enumerate(assignments):
         order = np.argsort(np.angle(c @ rotor) % (2 * np.pi))
-        strips = colormap(c[order] / c[order].max(axis=1, keepdims=True))  # (M, N, 3)
+        low_w, high_w = c.min(axis=1, keepdims=True), c.max(axis=1, keepdims=True)
+        strips = colormap((c - low_w)[order] / (high_w - low_w + 1e-12)[order])  # (M, N, 3)
         strips = np.repeat(np.repeat(strips, row_h, axis=0), step_px, axis=1)
-        draw.text((4, y + 12), f"block {layer + 1}: {c.shape[0]} clusters, by calendar phase", fill="black")
+        draw.text(
+            (4, y + 12),
+            f"block {layer + 1}: {c.shape[0]} clusters (rows, sorted by the calendar phase they draw from), each row "
+            f"scaled from its smallest (dark) to its largest (yellow) token weight; mean largest weight = "
+            f"{high_w.mean() * context:.2f} x uniform",
+            fill="black",
+        )
         y += gap
         image.paste(Image.fromarray(strips), (left, y))
-        draw.text((4, y + 2), "each row: one", fill="black")
-        draw.text((4, y + 14), "cluster's weights", fill="black")
+        draw.text((4, y + 2), "one row", fill="black")
+        draw.text((4, y + 14), "per cluster", fill="black")
         y += strips.shape[0]
     image.save(path)
 
@@ -431,13 +440,13 @@ def scaling_sweep(config: Config) -> list[dict[str, float]]:
     """Forward time and MACs of both architectures (random weights) at each of ``config.scaling_lengths``."""
     rows = []
     for length in config.scaling_lengths:
-        x = torch.randn(2, length) + 350
+        x = torch.randn(8, length) + 350
         row: dict[str, float] = {"context": length}
         for name, clusters in (("full", 0), ("toca", config.clusters)):
             torch.manual_seed(config.seed)
             model = Forecaster(config, clusters, context=length).eval()
             with torch.inference_mode():
-                row[f"{name}_ms"] = 1000 * seconds_per_call(partial(model, x), repeats=2) / len(x)
+                row[f"{name}_ms"] = 1000 * seconds_per_call(partial(model, x)) / len(x)
             row[f"{name}_macs"] = macs_per_sequence(model)
         print(f"  N={length:5d}: full {row['full_ms']:7.1f} ms/seq, ToCa {row['toca_ms']:7.1f} ms/seq", flush=True)
         rows.append(row)
@@ -473,7 +482,7 @@ def markdown(report: dict) -> str:
     if report["scaling"]:
         lines += [
             "",
-            "Forward pass (batch 2, random weights, best of 2) as the context grows:",
+            "Forward pass (batch 8, random weights, best of 3) as the context grows:",
             "",
             "| N | full MMACs | ToCa MMACs | full ms / seq | ToCa ms / seq | ToCa speed-up |",
             "|---:|---:|---:|---:|---:|---:|",
@@ -487,13 +496,14 @@ def markdown(report: dict) -> str:
         "",
         "ToCa clusters on the test windows (mean over clusters and windows; chance = uniform weights):",
         "",
-        "| block | season focus | chance | time spread (uniform 0.29) | effective tokens per cluster |",
-        "|---:|---:|---:|---:|---:|",
+        "| block | season focus | chance | time spread (uniform 0.29) | effective tokens per cluster "
+        f"(uniform {config['context']}) | largest weight × N (uniform 1) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for k, row in enumerate(report["clusters"], start=1):
         lines.append(
             f"| {k} | {row['season_focus']:.3f} | {row['season_focus_uniform']:.3f} | {row['time_spread']:.3f} "
-            f"| {row['tokens_per_cluster']:.0f} |"
+            f"| {row['tokens_per_cluster']:.0f} | {row['peak_over_uniform']:.2f} |"
         )
     lines += ["", f"Picture: `{report['picture']}`.", ""]
     return "\n".join(lines)
