@@ -1,0 +1,247 @@
+"""Build each row's model and count its parameters and MACs ("FLOPs") with the project's counter.
+
+Conventions (reference paca_official.md §5, §9):
+
+* **classification**: the whole model, 1000-way head included; fvcore rules on one (1, 3, H, W) image
+  (:func:`tocalib.flops.count_macs`; the head's mean pooling does no MACs).
+* **detection**: Mask R-CNN params of every module; MACs of backbone + FPN + RPN + box head on 1000 proposals +
+  mask head on 100 RoIs at (H, W) = (1280, 800) (:func:`models.heads.flops.mask_rcnn_macs`, convention
+  ``"paper"``).
+* **segmentation**: params of every module (UperNet's FCN auxiliary head included); MACs of backbone + decode
+  head at 512×512 (:func:`models.heads.flops.segmentor_macs`).
+
+Counting Mask R-CNN at 1280×800 runs the backbone for real under fvcore's tracer, the slow part. So each row
+traces only its own backbone + FPN, once, and the RPN and RoI heads — the same in every row (256-channel pyramid,
+same test settings) — are counted once per resolution by ``mask_rcnn_macs`` on a stand-in backbone that returns
+zero maps of the real backbone's output shapes (taken from a meta-device forward, no compute). Within one
+:class:`CountingPool` each distinct architecture is counted once; nothing is kept between runs. The pool spreads
+the work over worker processes of one thread each: on a small, shared CPU two single-threaded tracers finish
+sooner than one two-threaded tracer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models import create_model
+from models.heads import EncoderDecoder, MaskRCNN, paca_segmentor, upernet_segmentor
+from models.heads.flops import NOT_MACS as DETECTION_NOT_MACS
+from models.heads.flops import mask_rcnn_macs, segmentor_macs
+from reproductions.tables import Row, Section
+from tocalib.flops import count_macs, mac_analysis
+
+__all__ = ["Count", "Counter", "CountingPool", "build_model", "count_detection_heads", "num_params"]
+
+HEAD_PARTS = ("rpn_head", "bbox_head", "mask_head")
+"""Mask R-CNN parts whose MACs do not depend on the backbone."""
+
+
+def num_params(module: nn.Module) -> int:
+    """Number of parameters (buffers excluded), as ``sum(p.numel())`` in the official benchmark scripts."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_model(section: Section, row: Row) -> nn.Module:
+    """A fresh, randomly initialised model for ``row``, in eval mode: the classifier, the Mask R-CNN or the
+    segmentor, with the row's per-stage cluster override."""
+    overrides: dict[str, Any] = {} if row.num_clusters is None else {"num_clusters": row.num_clusters}
+    if section.task == "classification":
+        return create_model(row.model, **overrides).eval()
+    backbone = create_model(row.model, features_only=True, **overrides)
+    dims = list(backbone.embed_dims)
+    if section.task == "detection":
+        return MaskRCNN(backbone, dims).eval()
+    build = upernet_segmentor if row.head == "upernet" else paca_segmentor
+    return build(backbone, dims).eval()
+
+
+@dataclass(frozen=True)
+class Count:
+    """Params and MACs of one row's model; ``parts`` splits the MACs (``{"total": …}`` at least)."""
+
+    params: int
+    macs: int
+    parts: dict[str, int]
+    seconds: float
+    reused: bool = False
+    """True when an identical architecture was already counted in this run."""
+
+
+class _Pyramid(nn.Module):
+    """Backbone + FPN of a Mask R-CNN as one traceable module (the image → P2–P6 part)."""
+
+    def __init__(self, detector: MaskRCNN) -> None:
+        super().__init__()
+        self.backbone = detector.backbone
+        self.neck = detector.neck
+
+    def forward(self, img: Tensor) -> list[Tensor]:
+        return self.neck(list(self.backbone(img)))
+
+
+class _FixedFeatures(nn.Module):
+    """Stand-in backbone returning zero maps of given shapes: lets ``mask_rcnn_macs`` count the heads without
+    running a real backbone."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]]) -> None:
+        super().__init__()
+        for i, shape in enumerate(shapes):
+            self.register_buffer(f"feature{i}", torch.zeros(shape), persistent=False)
+        self.count = len(shapes)
+
+    def forward(self, img: Tensor) -> list[Tensor]:
+        # The tracer needs outputs that depend on the input; sum, mul and add do no MACs.
+        anchor = img.sum() * 0
+        return [getattr(self, f"feature{i}") + anchor for i in range(self.count)]
+
+
+def count_detection_heads(section: Section, row: Row) -> dict[str, int]:
+    """MACs of the Mask R-CNN parts that do not depend on the backbone (:data:`HEAD_PARTS`) at
+    ``section.resolution``, in ``mask_rcnn_macs``'s "paper" convention."""
+    image_hw = section.resolution
+    with torch.device("meta"):  # output shapes only: no initialisation, no compute
+        backbone = build_model(section, row).backbone
+        shapes = [tuple(f.shape) for f in backbone(torch.zeros(1, 3, *image_hw))]
+    stand_in = MaskRCNN(_FixedFeatures(shapes), list(backbone.embed_dims))
+    with torch.no_grad():
+        counts = mask_rcnn_macs(stand_in, image_hw, convention="paper")
+    return {name: counts[name] for name in HEAD_PARTS}
+
+
+class Counter:
+    """Counts rows; remembers, for the lifetime of this object only, what it already counted.
+
+    For detection rows the count covers backbone + FPN only; :class:`CountingPool` adds the heads.
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[Any, ...], Count] = {}
+
+    def count(self, section: Section, row: Row) -> Count:
+        """Params and MACs of ``row`` at ``section.resolution`` (detection: without the RPN and RoI heads)."""
+        key = (section.task, row.model, row.head, row.num_clusters, section.resolution)
+        if key in self._done:
+            return dataclasses.replace(self._done[key], seconds=0.0, reused=True)
+        start = time.perf_counter()
+        model = build_model(section, row)
+        image = torch.ones(1, 3, *section.resolution)
+        with torch.no_grad():
+            if section.task == "classification":
+                parts = {"total": count_macs(model, image, not_macs=("aten::mean",))}
+            elif section.task == "segmentation":
+                assert isinstance(model, EncoderDecoder)
+                parts = {"total": segmentor_macs(model, section.resolution)}
+            else:
+                assert isinstance(model, MaskRCNN)
+                parts = _pyramid_macs(model, image)
+        result = Count(num_params(model), parts["total"], parts, time.perf_counter() - start)
+        self._done[key] = result
+        return result
+
+
+def _pyramid_macs(model: MaskRCNN, image: Tensor) -> dict[str, int]:
+    """Backbone and FPN MACs of a Mask R-CNN, from one trace."""
+    pyramid = _Pyramid(model)
+    if any(isinstance(m, nn.ConvTranspose2d) for m in pyramid.modules()):
+        raise RuntimeError(
+            "the backbone or FPN holds a transposed convolution, which the 'paper' convention counts differently "
+            "from fvcore: count this model with models.heads.flops.mask_rcnn_macs instead"
+        )
+    by_module = mac_analysis(pyramid, image, not_macs=DETECTION_NOT_MACS).by_module()
+    parts = {"backbone": int(by_module["module.backbone"]), "neck": int(by_module["module.neck"])}
+    return {**parts, "total": sum(parts.values())}
+
+
+def _with_heads(count: Count, heads: dict[str, int]) -> Count:
+    parts = {**{k: v for k, v in count.parts.items() if k != "total"}, **heads}
+    parts["total"] = sum(parts.values())
+    return dataclasses.replace(count, macs=parts["total"], parts=parts)
+
+
+_WORKER_COUNTER: Counter | None = None
+"""The :class:`Counter` of a :class:`CountingPool` worker process (one per process, for the pool's lifetime)."""
+
+
+def _start_worker() -> None:
+    global _WORKER_COUNTER
+    torch.set_num_threads(1)
+    _WORKER_COUNTER = Counter()
+
+
+def _announce(section: Section, row: Row) -> None:
+    h, w = section.resolution
+    print(f"      … counting {section.id}: {row.label} at {h}×{w}", flush=True)
+
+
+def _count_in_worker(section: Section, row: Row) -> Count:
+    if _WORKER_COUNTER is None:  # in-process pool
+        _start_worker()
+    assert _WORKER_COUNTER is not None
+    _announce(section, row)
+    return _WORKER_COUNTER.count(section, row)
+
+
+class _InProcess:
+    """The ``submit`` of an executor, run at once in this process."""
+
+    def __init__(self) -> None:
+        self._counter = Counter()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        if function is _count_in_worker:
+            _announce(*args)
+            future.set_result(self._counter.count(*args))
+        else:
+            future.set_result(function(*args))
+        return future
+
+    def shutdown(self, cancel_futures: bool) -> None:
+        """Nothing to stop."""
+
+
+class CountingPool:
+    """Counts rows in ``workers`` processes of one thread each, or in this process when ``workers`` is 1.
+
+    Use as a context manager; :meth:`counts` yields complete counts (Mask R-CNN heads included) in row order.
+    """
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be ≥ 1, got {workers}")
+        self._pool: ProcessPoolExecutor | _InProcess = (
+            _InProcess()
+            if workers == 1
+            else ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker
+            )
+        )
+        self._heads: dict[tuple[int, int], Future[dict[str, int]]] = {}
+
+    def counts(self, rows: Sequence[tuple[Section, Row]]) -> Iterator[Count]:
+        """The :class:`Count` of each (section, row), in order."""
+        for section, row in rows:  # the shared heads first, so that they run alongside the first rows
+            if section.task == "detection" and section.resolution not in self._heads:
+                self._heads[section.resolution] = self._pool.submit(count_detection_heads, section, row)
+        futures = [self._pool.submit(_count_in_worker, section, row) for section, row in rows]
+        for (section, _), future in zip(rows, futures, strict=True):
+            count = future.result()
+            yield _with_heads(count, self._heads[section.resolution].result()) if section.task == "detection" else count
+
+    def __enter__(self) -> CountingPool:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._pool.shutdown(cancel_futures=True)

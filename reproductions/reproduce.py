@@ -1,0 +1,157 @@
+"""Rebuild every row of a paper table, count its params and FLOPs, optionally evaluate the official checkpoints,
+and print the reported and reproduced numbers side by side.
+
+    python -m reproductions.reproduce table2 [--out outputs/reproductions] [--rows GLOB]
+    python -m reproductions.reproduce table1 --checkpoints CKPT_DIR --data DATA_DIR
+
+Writes ``<out>/<table>.{md,csv,json}``. Exit status 1 when a reproduced params/FLOPs number misses the reported
+one beyond its tolerance (README errata recorded in the table data are flagged instead, see
+:mod:`reproductions.report`); accuracy differences are shown, never failing.
+
+``--data DATA_DIR`` holds ``imagenet/val/<class>/*`` (ImageNet val in class folders, sorted = class index),
+``ADEChallengeData2016/{images,annotations}/validation`` and ``coco/{val2017,annotations/instances_val2017.json}``;
+``--checkpoints CKPT_DIR`` holds the released files under the README's names (each row's ``checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from reproductions.counting import CountingPool
+from reproductions.eval import check_inputs, evaluate_row
+from reproductions.report import RowResult, render_text, summary, write_outputs
+from reproductions.tables import TABLES, Row, Section, Table, load_table
+
+__all__ = ["main", "reproduce_table"]
+
+
+def _select(table: Table, pattern: str | None) -> list[tuple[Section, Row]]:
+    rows = table.rows
+    if pattern is None:
+        return rows
+    return [(s, r) for s, r in rows if fnmatch.fnmatch(r.model, pattern) or fnmatch.fnmatch(r.label, pattern)]
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def reproduce_table(
+    table: Table,
+    pool: CountingPool,
+    rows: Sequence[tuple[Section, Row]],
+    checkpoints: Path | None = None,
+    data: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[RowResult]:
+    """Count (and, given ``checkpoints`` and ``data``, evaluate) ``rows`` of ``table``, logging progress (default:
+    printed and flushed at once)."""
+    log = log or _print
+    start = time.perf_counter()
+    results = []
+    log(f"{table.id}: counting {len(rows)} rows …")
+    for i, ((section, row), count) in enumerate(zip(rows, pool.counts(rows), strict=True), 1):
+        h, w = section.resolution
+        how = "same architecture as an earlier row" if count.reused else f"counted in {count.seconds:.1f} s"
+        log(
+            f"[{i}/{len(rows)}] {table.id} {section.id}: {row.label} ({row.model}, {h}×{w}): "
+            f"params {count.params / 1e6:.3f} M, FLOPs {count.macs / 1e9:.3f} G ({how})"
+        )
+        metrics = None
+        if checkpoints is not None and data is not None:
+            tick = time.perf_counter()
+            metrics = evaluate_row(section, row, checkpoints / row.checkpoint, data / section.data, log=log)
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+            log(f"      {shown} ({time.perf_counter() - tick:.1f} s)")
+        results.append(RowResult.build(section, row, count, metrics))
+        log(f"      elapsed {_clock(time.perf_counter() - start)}")
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m reproductions.reproduce", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("tables", nargs="+", choices=[*TABLES, "all"], help="which tables (all = table1 … table4)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/reproductions"), help="output folder")
+    parser.add_argument("--rows", help="only rows whose model name or label matches this shell pattern")
+    parser.add_argument("--checkpoints", type=Path, help="folder of the released checkpoints (with --data)")
+    parser.add_argument("--data", type=Path, help="folder of the evaluation datasets (with --checkpoints)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes counting FLOPs, one thread each (default: min(2, CPUs)); 1 = in this process",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if (args.checkpoints is None) != (args.data is None):
+        raise SystemExit("--checkpoints and --data go together: pass both to evaluate accuracy, or neither")
+    names = list(TABLES) if "all" in args.tables else list(dict.fromkeys(args.tables))
+    tables = [load_table(name) for name in names]
+    selected = {t.id: _select(t, args.rows) for t in tables}
+    if not any(selected.values()):
+        raise SystemExit(f"no row matches --rows {args.rows!r}")
+    if args.checkpoints is not None:
+        check_inputs([pair for rows in selected.values() for pair in rows], args.checkpoints, args.data)
+    failed = False
+    with CountingPool(args.workers) as pool:  # what it counted is shared by the tables of this run only
+        for table in tables:
+            failed |= _run(table, pool, selected[table.id], args, argv, many=len(tables) > 1)
+    return 1 if failed else 0
+
+
+def _run(
+    table: Table,
+    pool: CountingPool,
+    rows: Sequence[tuple[Section, Row]],
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    many: bool,
+) -> bool:
+    """Reproduce one table, print it and write its files; True when a row failed."""
+    if not rows:
+        return False
+    tick = time.perf_counter()
+    results = reproduce_table(table, pool, rows, args.checkpoints, args.data)
+    seconds = time.perf_counter() - tick
+    meta = {
+        "command": " ".join(["python -m reproductions.reproduce", *(argv if argv is not None else sys.argv[1:])]),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+        "workers": args.workers,
+        "machine": platform.processor() or platform.machine(),
+        "accuracy": "evaluated" if args.checkpoints else "reported only",
+    }
+    print()
+    print(render_text(table, results))
+    paths = write_outputs(table, results, args.out, meta)
+    print(f"{table.id} done in {_clock(seconds)}; wrote {', '.join(str(p) for p in paths)}")
+    if many:
+        print(f"{table.id}: {summary(results)}")
+    print(flush=True)
+    return any(r.failed for r in results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The runner: a fast reproduction of Table 1's PaCa-Tiny row (params + FLOPs) in the default suite, the four
+full tables under ``slow``."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from reproductions.counting import CountingPool
+from reproductions.report import RowResult
+from reproductions.reproduce import main, reproduce_table
+from reproductions.tables import TABLES, Number, load_table
+
+
+def test_table1_paca_tiny_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["table1", "--rows", "pacavit_tiny_p2cconv_100_0", "--out", str(tmp_path), "--workers", "1"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "[1/1] table1 imagenet: PaCa-Tiny (conv)" in out and "params 12.201 M, FLOPs 3.237 G" in out
+    assert "reported only" in out
+    record = json.loads((tmp_path / "table1.json").read_text(encoding="utf-8"))["rows"][0]
+    assert record["params_reproduced"] == 12_200_680  # the official code's count (reference §4 R1)
+    assert record["flops_reproduced"] / 1e9 == pytest.approx(3.237, abs=5e-4)
+    assert (record["params_status"], record["flops_status"]) == ("ok", "ok")
+    assert record["top1_reported"] == 80.9 and record["top1_reproduced"] is None
+    with (tmp_path / "table1.csv").open(encoding="utf-8") as f:
+        assert next(csv.DictReader(f))["model"] == "pacavit_tiny_p2cconv_100_0"
+    assert "| PaCa-Tiny (conv) | 12.2 | 12.201 |" in (tmp_path / "table1.md").read_text(encoding="utf-8")
+
+
+def test_a_miss_fails_and_an_erratum_on_a_matching_number_is_stale() -> None:
+    """The same count against a wrong README number is a MISS; recording that as an erratum without the
+    official count agreeing is still a MISS; an erratum on a number that matches is STALE. All fail."""
+    table = load_table("table1")
+    section, row = table.rows[0]
+    with CountingPool(1) as pool:
+        (result,) = reproduce_table(table, pool, [(section, row)], log=lambda line: None)
+    assert not result.failed
+    wrong = dataclasses.replace(row, params_m=Number("12.5"))
+    assert RowResult.build(section, wrong, result.count, None).params.status == "MISS"
+    unexplained = dataclasses.replace(wrong, errata={"params": "why"}, official_params_m=Number("12.5"))
+    assert RowResult.build(section, unexplained, result.count, None).failed
+    stale = dataclasses.replace(row, errata={"params": "why"}, official_params_m=Number("12.200680"))
+    assert RowResult.build(section, stale, result.count, None).params.status == "STALE"
+
+
+def test_checkpoints_without_data_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="go together"):
+        main(["table1", "--checkpoints", str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TABLES)
+def test_full_table_reproduces(name: str, tmp_path: Path) -> None:
+    """Every row within tolerance or flagged as a README erratum that the official code's count confirms."""
+    assert main([name, "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / f"{name}.json").read_text(encoding="utf-8"))
+    assert payload["failed"] == []
+    assert len(payload["rows"]) == len(load_table(name).rows)
