@@ -10,6 +10,13 @@ Conventions (reference paca_official.md §5, §9):
 * **segmentation**: params of every module (UperNet's FCN auxiliary head included); MACs of backbone + decode
   head at 512×512 (:func:`models.heads.flops.segmentor_macs`).
 
+**The official counter's blind spot.** The official teacher (``PaCaTeacher_ConvMixer``) builds its 7×7 depthwise
+ConvMixer convolutions with ``padding="same"``, which traces to ``aten::_convolution_mode``; fvcore has no handle
+for it and skipped those convolutions without a word, so the README's FLOPs of every teacher model leave them out
+(found by the models' tests, ``tests/models/test_paca_vit.py``). Our teacher pads explicitly and our counter counts
+them. ``Count.macs`` is the README's convention — the trace's total minus the MACs that the trace attributes to
+exactly those convolutions (:func:`official_fvcore_skips`) — and ``parts["all_ops"]`` is everything.
+
 Counting Mask R-CNN at 1280×800 runs the backbone for real under fvcore's tracer, the slow part. So each row
 traces only its own backbone + FPN, once, and the RPN and RoI heads — the same in every row (256-channel pyramid,
 same test settings) — are counted once per resolution by ``mask_rcnn_macs`` on a stand-in backbone that returns
@@ -36,11 +43,20 @@ from torch import Tensor, nn
 from models import create_model
 from models.heads import EncoderDecoder, MaskRCNN, paca_segmentor, upernet_segmentor
 from models.heads.flops import NOT_MACS as DETECTION_NOT_MACS
-from models.heads.flops import mask_rcnn_macs, segmentor_macs
+from models.heads.flops import mask_rcnn_macs
+from models.teacher import ConvMixerLayer
 from reproductions.tables import Row, Section
-from tocalib.flops import count_macs, mac_analysis
+from tocalib.flops import mac_analysis
 
-__all__ = ["Count", "Counter", "CountingPool", "build_model", "count_detection_heads", "num_params"]
+__all__ = [
+    "Count",
+    "Counter",
+    "CountingPool",
+    "build_model",
+    "count_detection_heads",
+    "num_params",
+    "official_fvcore_skips",
+]
 
 HEAD_PARTS = ("rpn_head", "bbox_head", "mask_head")
 """Mask R-CNN parts whose MACs do not depend on the backbone."""
@@ -65,9 +81,30 @@ def build_model(section: Section, row: Row) -> nn.Module:
     return build(backbone, dims).eval()
 
 
+SKIPPED = "skipped_by_official_fvcore"
+"""``Count.parts`` key: MACs that fvcore did not count in the official code (see the module docstring)."""
+
+
+def official_fvcore_skips(model: nn.Module) -> list[str]:
+    """Names of the modules whose MACs fvcore skipped in the official code: the depthwise k×k convolution of
+    every teacher ConvMixer layer (``…paca_teacher.{block,fpn}….0.fn.0``), built there with ``padding="same"``."""
+    return [f"{name}.0.fn.0" for name, module in model.named_modules() if isinstance(module, ConvMixerLayer)]
+
+
+def _traced_parts(model: nn.Module, image: Tensor, not_macs: tuple[str, ...], split: Sequence[str] = ()) -> dict:
+    """One fvcore trace of ``model(image)``: ``all_ops``, the :data:`SKIPPED` MACs, and the MACs of each
+    top-level child named in ``split``."""
+    by_module = mac_analysis(model, image, not_macs=not_macs).by_module()
+    parts = {name: int(by_module[f"module.{name}"]) for name in split}
+    parts["all_ops"] = int(by_module["module"])
+    parts[SKIPPED] = sum(int(by_module[f"module.{name}"]) for name in official_fvcore_skips(model))
+    return parts
+
+
 @dataclass(frozen=True)
 class Count:
-    """Params and MACs of one row's model; ``parts`` splits the MACs (``{"total": …}`` at least)."""
+    """Params and MACs of one row's model. ``macs`` follows the README's convention (``all_ops`` minus
+    :data:`SKIPPED`); ``parts`` holds ``all_ops``, :data:`SKIPPED` and, for Mask R-CNN, the per-part MACs."""
 
     params: int
     macs: int
@@ -136,15 +173,16 @@ class Counter:
         model = build_model(section, row)
         image = torch.ones(1, 3, *section.resolution)
         with torch.no_grad():
-            if section.task == "classification":
-                parts = {"total": count_macs(model, image, not_macs=("aten::mean",))}
-            elif section.task == "segmentation":
+            if section.task == "classification":  # the head's mean pooling does no MACs
+                parts = _traced_parts(model, image, not_macs=("aten::mean",))
+            elif section.task == "segmentation":  # as models.heads.flops.segmentor_macs: decode head only
                 assert isinstance(model, EncoderDecoder)
-                parts = {"total": segmentor_macs(model, section.resolution)}
+                parts = _traced_parts(model, image, not_macs=())
             else:
                 assert isinstance(model, MaskRCNN)
                 parts = _pyramid_macs(model, image)
-        result = Count(num_params(model), parts["total"], parts, time.perf_counter() - start)
+        macs = parts["all_ops"] - parts[SKIPPED]
+        result = Count(num_params(model), macs, parts, time.perf_counter() - start)
         self._done[key] = result
         return result
 
@@ -157,15 +195,14 @@ def _pyramid_macs(model: MaskRCNN, image: Tensor) -> dict[str, int]:
             "the backbone or FPN holds a transposed convolution, which the 'paper' convention counts differently "
             "from fvcore: count this model with models.heads.flops.mask_rcnn_macs instead"
         )
-    by_module = mac_analysis(pyramid, image, not_macs=DETECTION_NOT_MACS).by_module()
-    parts = {"backbone": int(by_module["module.backbone"]), "neck": int(by_module["module.neck"])}
-    return {**parts, "total": sum(parts.values())}
+    return _traced_parts(pyramid, image, not_macs=DETECTION_NOT_MACS, split=("backbone", "neck"))
 
 
 def _with_heads(count: Count, heads: dict[str, int]) -> Count:
-    parts = {**{k: v for k, v in count.parts.items() if k != "total"}, **heads}
-    parts["total"] = sum(parts.values())
-    return dataclasses.replace(count, macs=parts["total"], parts=parts)
+    """A backbone + FPN count completed with the RPN and RoI heads."""
+    parts = {**count.parts, **heads}
+    parts["all_ops"] += sum(heads.values())
+    return dataclasses.replace(count, macs=parts["all_ops"] - parts[SKIPPED], parts=parts)
 
 
 _WORKER_COUNTER: Counter | None = None

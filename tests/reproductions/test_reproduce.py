@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from models.heads.flops import mask_rcnn_macs
-from reproductions.counting import CountingPool, build_model
+from reproductions.counting import CountingPool, build_model, official_fvcore_skips
 from reproductions.report import RowResult
 from reproductions.reproduce import main, reproduce_table
 from reproductions.tables import TABLES, Number, load_table
@@ -71,5 +73,26 @@ def test_split_detection_count_equals_mask_rcnn_macs() -> None:
     section, row = load_table("table2").rows[0]
     with CountingPool(1) as pool:
         (count,) = pool.counts([(section, row)])
-    model = build_model(section, row)
-    assert count.parts == mask_rcnn_macs(model, section.resolution, convention="paper")
+    whole = mask_rcnn_macs(build_model(section, row), section.resolution, convention="paper")
+    assert {part: count.parts[part] for part in whole if part != "total"} == {
+        k: v for k, v in whole.items() if k != "total"
+    }
+    assert count.parts["all_ops"] == count.macs == whole["total"]  # no teacher: nothing skipped
+
+
+def test_official_fvcore_skips_are_the_teacher_depthwise_convs() -> None:
+    """The modules left out of the README's FLOPs: each teacher ConvMixer layer's 7×7 depthwise conv (block
+    layers and top-down FPN layers), nothing in a model without teacher."""
+    section, _ = load_table("table1").rows[0]
+    rows = {row.model: row for _, row in load_table("table1").rows}
+    with torch.device("meta"):
+        teacher = build_model(section, rows["pacavit_convmixer_small_100"])
+        plain = build_model(section, rows["pacavit_small_p2cconv_100_0"])
+    names = official_fvcore_skips(teacher)
+    assert len(names) == 2 + 2 + 2 + 2 + 3  # teacher depths 2,2,2,2 plus three FPN layers
+    modules = dict(teacher.named_modules())
+    for name in names:
+        conv = modules[name]
+        assert name.startswith("paca_teacher.")
+        assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (7, 7) and conv.groups == conv.in_channels
+    assert official_fvcore_skips(plain) == []
