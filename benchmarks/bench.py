@@ -48,13 +48,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from models._registry import get_model_factory
+from models import create_model
 from models.pvt_v2 import SpatialReductionAttention
 from tocalib import ToCaAttention
 from tocalib.flops import toca_macs
-
-MODEL_MODULES = ("models.pvt_v2", "models.swin", "models.paca_vit")
-"""Modules whose import registers the benchmarked models (a missing one skips its models with a reason)."""
 
 
 @dataclass(frozen=True)
@@ -306,10 +303,7 @@ def _over_budget(
 
 def _backbone(name: str) -> nn.Module:
     """A registered model in features-only mode, in eval mode."""
-    for module in MODEL_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-    return get_model_factory(name)(features_only=True).eval()
+    return create_model(name, features_only=True).eval()
 
 
 def bench_models(settings: Settings, bar: tqdm) -> list[Cell]:

@@ -224,29 +224,32 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 """Per-variant settings; all share heads (1, 2, 5, 8), MLP ratios (8, 8, 4, 4) and SR ratios (8, 4, 2, 1)."""
 
 
-def _create(name: str, **kwargs: Any) -> PyramidVisionTransformerV2:
-    return PyramidVisionTransformerV2(**{**_CONFIGS[name], **kwargs})
+def _create(name: str, pretrained: bool, overrides: dict[str, Any]) -> PyramidVisionTransformerV2:
+    """Build ``name`` from its table entry overridden by ``overrides`` (random init: no checkpoints here)."""
+    if pretrained:
+        raise ValueError(f"{name} is a benchmark baseline with random init; no pretrained weights can be loaded")
+    return PyramidVisionTransformerV2(**{**_CONFIGS[name], **overrides})
 
 
 @register_model
-def pvt_v2_b0(**kwargs: Any) -> PyramidVisionTransformerV2:
+def pvt_v2_b0(pretrained: bool = False, **overrides: Any) -> PyramidVisionTransformerV2:
     """PVTv2-b0: 3.7M params, 0.6 GMACs at 224² (paper: 3.4M / 0.6G, see the tests)."""
-    return _create("pvt_v2_b0", **kwargs)
+    return _create("pvt_v2_b0", pretrained, overrides)
 
 
 @register_model
-def pvt_v2_b1(**kwargs: Any) -> PyramidVisionTransformerV2:
+def pvt_v2_b1(pretrained: bool = False, **overrides: Any) -> PyramidVisionTransformerV2:
     """PVTv2-b1: 14.0M params, 2.1 GMACs at 224²."""
-    return _create("pvt_v2_b1", **kwargs)
+    return _create("pvt_v2_b1", pretrained, overrides)
 
 
 @register_model
-def pvt_v2_b2(**kwargs: Any) -> PyramidVisionTransformerV2:
+def pvt_v2_b2(pretrained: bool = False, **overrides: Any) -> PyramidVisionTransformerV2:
     """PVTv2-b2: 25.4M params, 4.0 GMACs at 224²."""
-    return _create("pvt_v2_b2", **kwargs)
+    return _create("pvt_v2_b2", pretrained, overrides)
 
 
 @register_model
-def pvt_v2_b2_li(**kwargs: Any) -> PyramidVisionTransformerV2:
+def pvt_v2_b2_li(pretrained: bool = False, **overrides: Any) -> PyramidVisionTransformerV2:
     """PVTv2-b2-li (linear SRA): 22.6M params, 3.9 GMACs at 224²."""
-    return _create("pvt_v2_b2_li", **kwargs)
+    return _create("pvt_v2_b2_li", pretrained, overrides)

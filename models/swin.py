@@ -251,6 +251,8 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 
 
 @register_model
-def swin_tiny_patch4_window7_224(**kwargs: Any) -> SwinTransformer:
-    """Swin-T: 28.3M params, 4.5 GMACs at 224²."""
-    return SwinTransformer(**{**_CONFIGS["swin_tiny_patch4_window7_224"], **kwargs})
+def swin_tiny_patch4_window7_224(pretrained: bool = False, **overrides: Any) -> SwinTransformer:
+    """Swin-T: 28.3M params, 4.5 GMACs at 224² (random init: no checkpoints here)."""
+    if pretrained:
+        raise ValueError("swin_tiny_patch4_window7_224 is a benchmark baseline; no pretrained weights can be loaded")
+    return SwinTransformer(**{**_CONFIGS["swin_tiny_patch4_window7_224"], **overrides})

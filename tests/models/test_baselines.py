@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import bench
-from models._registry import get_model_factory
+from models import create_model
 from models.pvt_v2 import SpatialReductionAttention
 from models.swin import _merge_windows, _relative_position_index, _shift_mask, _windows
 from tocalib.flops import count_macs
@@ -24,7 +24,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_params_and_macs_match_published(name: str) -> None:
-    model = get_model_factory(name)().eval()
+    model = create_model(name).eval()
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model, torch.ones(1, 3, 224, 224))
     assert (round(params / 1e6, 1), round(macs / 1e9, 1)) == PUBLISHED[name]
@@ -40,8 +40,8 @@ SMALL = {  # cheap variants with every code path of the full models (shifted win
 @pytest.mark.parametrize("name", sorted(SMALL))
 @pytest.mark.parametrize("size", [(64, 64), (100, 130)])
 def test_forward_shapes(name: str, size: tuple[int, int]) -> None:
-    classifier = get_model_factory(name)(num_classes=10, **SMALL[name]).eval()
-    backbone = get_model_factory(name)(features_only=True, **SMALL[name]).eval()
+    classifier = create_model(name, num_classes=10, **SMALL[name]).eval()
+    backbone = create_model(name, features_only=True, **SMALL[name]).eval()
     images = torch.randn(2, 3, *size)
     with torch.no_grad():
         assert classifier(images).shape == (2, 10)
@@ -97,3 +97,9 @@ def test_bench_quick_runs_end_to_end(tmp_path) -> None:
     assert "ToCa M=100" in report and "pvt_v2_b0" in report and "matmul" in report
     assert (tmp_path / "bench.json").exists()
     assert all(goal.verdict in {"PASS", "MISS", "N/A"} for goal in goals)
+
+
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "swin_tiny_patch4_window7_224"])
+def test_pretrained_is_refused_with_a_reason(name: str) -> None:
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        create_model(name, pretrained=True)
