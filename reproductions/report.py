@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,7 @@ class Check:
 
     @property
     def delta(self) -> float:
+        """Reproduced − reported."""
         return self.reproduced - self.reported.value
 
 
@@ -62,14 +63,15 @@ class RowResult:
     params: Check
     flops: Check
     metrics: dict[str, float] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
+        """A params or FLOPs MISS, or a STALE erratum."""
         return self.params.status in FAILING or self.flops.status in FAILING
 
     @classmethod
     def build(cls, section: Section, row: Row, count: Count, metrics: dict[str, float] | None) -> RowResult:
+        """Check ``count`` against the row's reported numbers with the section's tolerances."""
         params = check(
             count.params / 1e6, row.params_m, row.params_m.half_unit, row.errata.get("params"), row.official_params_m
         )

@@ -15,6 +15,7 @@ from PIL import Image
 from reproductions.counting import build_model
 from reproductions.eval import check_inputs, evaluate_row
 from reproductions.eval.ade20k import NUM_CLASSES
+from reproductions.reproduce import main
 from reproductions.tables import load_table
 
 TINY = "pacavit_tiny_p2cconv_100_0"
@@ -37,21 +38,37 @@ def _quiet(*args: object) -> None:
     """A log function that drops progress lines."""
 
 
-def test_imagenet_top1_end_to_end(tmp_path: Path) -> None:
-    """A val folder of 3 classes; the checkpoint's head bias makes every prediction class 1 → top-1 = 2/5."""
-    data = tmp_path / "imagenet" / "val"
-    counts = {"n01440764": 2, "n01443537": 2, "n01484850": 1}
-    for c, (name, n) in enumerate(counts.items()):
+def _imagenet(tmp_path: Path) -> tuple[Path, Path]:
+    """A val folder of 3 classes (2, 2, 1 images) under ``tmp_path/data/imagenet/val`` and a PaCa-Tiny checkpoint
+    under ``tmp_path/ckpt`` whose head bias makes every prediction class 1 → top-1 = 2/5."""
+    data = tmp_path / "data" / "imagenet" / "val"
+    for c, (name, n) in enumerate({"n01440764": 2, "n01443537": 2, "n01484850": 1}.items()):
         for k in range(n):
             _image(data / name / f"ILSVRC2012_val_{c}{k}.JPEG", 60 + 10 * k, 80 - 7 * c, seed=10 * c + k)
     section, row = _row("table1", "imagenet", TINY)
-    model = build_model(section, row)
-    state = model.state_dict()
+    state = build_model(section, row).state_dict()
     state["head.bias"] = torch.zeros(1000).index_fill_(0, torch.tensor([1]), 1e4)
-    checkpoint = tmp_path / row.checkpoint
+    checkpoint = tmp_path / "ckpt" / row.checkpoint
+    checkpoint.parent.mkdir()
     torch.save(state, checkpoint)
+    return data, checkpoint
+
+
+def test_imagenet_top1_end_to_end(tmp_path: Path) -> None:
+    data, checkpoint = _imagenet(tmp_path)
+    section, row = _row("table1", "imagenet", TINY)
     metrics = evaluate_row(section, row, checkpoint, data, log=_quiet, crop=64)
     assert metrics == {"top1": pytest.approx(100 * 2 / 5)}
+
+
+def test_reproduce_command_fills_the_accuracy_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--checkpoints --data`` through the command line (paper preprocessing, 224 crops)."""
+    _, checkpoint = _imagenet(tmp_path)
+    args = ["table1", "--rows", TINY, "--out", str(tmp_path / "out"), "--workers", "1"]
+    assert main([*args, "--checkpoints", str(checkpoint.parent), "--data", str(tmp_path / "data")]) == 0
+    assert "80.9 | 40.00 | -40.90" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "table1.json").read_text(encoding="utf-8"))["rows"][0]
+    assert record["top1_reproduced"] == pytest.approx(40.0)
 
 
 def test_ade20k_miou_end_to_end(tmp_path: Path) -> None:
