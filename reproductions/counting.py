@@ -2,13 +2,13 @@
 
 Conventions (reference paca_official.md §5, §9):
 
-* **classification**: the whole model, 1000-way head included; fvcore rules on one (1, 3, H, W) image
-  (:func:`tocalib.flops.count_macs`; the head's mean pooling does no MACs).
+* **classification**: the whole model, 1000-way head included; fvcore rules plus tocalib's handles
+  (:func:`tocalib.flops.mac_analysis`, as ``count_macs``) on one (1, 3, H, W) image; mean pooling does no MACs.
 * **detection**: Mask R-CNN params of every module; MACs of backbone + FPN + RPN + box head on 1000 proposals +
   mask head on 100 RoIs at (H, W) = (1280, 800) (:func:`models.heads.flops.mask_rcnn_macs`, convention
   ``"paper"``).
 * **segmentation**: params of every module (UperNet's FCN auxiliary head included); MACs of backbone + decode
-  head at 512×512 (:func:`models.heads.flops.segmentor_macs`).
+  head at 512×512, traced as :func:`models.heads.flops.segmentor_macs` does.
 
 **The official counter's blind spot.** The official teacher (``PaCaTeacher_ConvMixer``) builds its 7×7 depthwise
 ConvMixer convolutions with ``padding="same"``, which traces to ``aten::_convolution_mode``; fvcore has no handle

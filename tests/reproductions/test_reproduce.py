@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.heads.flops import mask_rcnn_macs
+from models.heads.flops import mask_rcnn_macs, segmentor_macs
 from reproductions.counting import CountingPool, build_model, official_fvcore_skips
 from reproductions.report import RowResult
 from reproductions.reproduce import main, reproduce_table
@@ -49,6 +49,14 @@ def test_a_miss_fails_and_an_erratum_on_a_matching_number_is_stale() -> None:
     assert RowResult.build(section, unexplained, result.count, None).failed
     stale = dataclasses.replace(row, errata={"params": "why"}, official_params_m=Number("12.200680"))
     assert RowResult.build(section, stale, result.count, None).params.status == "STALE"
+
+
+def test_segmentation_count_is_segmentor_macs() -> None:
+    """The runner's segmentation trace (split by module) totals what ``segmentor_macs`` counts."""
+    section, row = next((s, r) for s, r in load_table("table3").rows if r.head == "paca")
+    with CountingPool(1) as pool:
+        (count,) = pool.counts([(section, row)])
+    assert count.macs == count.parts["all_ops"] == segmentor_macs(build_model(section, row), section.resolution)
 
 
 def test_checkpoints_without_data_is_an_error(tmp_path: Path) -> None:
