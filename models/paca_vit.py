@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models._layers import init_weights
 from models._registry import register_model
 from models.loading import load_official_state_dict
 from models.teacher import ConvMixerFPNTeacher
@@ -192,22 +193,6 @@ class PaCaBlock(nn.Module):
         return x, assignment
 
 
-@torch.no_grad()
-def _trunc_normal_(weight: Tensor, std: float, bound: float = 2.0) -> None:
-    """normal(0, std) truncated to [-bound, bound] (torch's and timm's default bounds), by rejection.
-
-    Same distribution as ``nn.init.trunc_normal_(weight, std=std)`` but ~20× faster on CPU.
-    """
-    weight.normal_(0.0, std)
-    if weight.is_meta:
-        return
-    low, high = torch.aminmax(weight)
-    while low < -bound or high > bound:
-        outside = weight.abs() > bound
-        weight[outside] = weight.new_empty(int(outside.sum())).normal_(0.0, std)
-        low, high = torch.aminmax(weight)
-
-
 def _per_stage(value: int | Sequence[int], name: str) -> tuple[int, ...]:
     """An int broadcast to the 4 stages, or a 4-sequence checked for length."""
     values = (value,) * NUM_STAGES if isinstance(value, int) else tuple(value)
@@ -314,18 +299,7 @@ class PaCaViT(nn.Module):
 
     def init_weights(self) -> None:
         """Reference §2.4: Linear trunc_normal(0.02), conv normal(0, sqrt(2/fan_out)), norms 1/0, biases 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                _trunc_normal_(m.weight, std=0.02)
-            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-            else:
-                continue
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     def forward_features(
         self, x: Tensor, return_assignments: bool = False

@@ -21,6 +21,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models._layers import init_weights
 from models._registry import register_model
 
 __all__ = ["PyramidVisionTransformerV2", "SpatialReductionAttention"]
@@ -179,7 +180,7 @@ class PyramidVisionTransformerV2(nn.Module):
             self.norms.append(nn.LayerNorm(dim, eps=eps))
             previous = dim
         self.head = nn.Linear(previous, num_classes) if num_classes and not features_only else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Images (B, C_in, H, W) → the four stage maps, stage i of shape (B, C_i, H_i, W_i)."""
@@ -200,19 +201,6 @@ class PyramidVisionTransformerV2(nn.Module):
         """Images (B, C_in, H, W) → logits (B, num_classes), or the stage maps when ``features_only``."""
         maps = self.forward_features(x)
         return maps if self.features_only else self.forward_head(maps[-1])
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Truncated-normal linear weights (std 0.02), fan-out normal conv weights, zero biases."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
-        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
-        nn.init.normal_(module.weight, std=(2.0 / fan_out) ** 0.5)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 _CONFIGS: dict[str, dict[str, Any]] = {

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models._layers import init_weights
 from models._registry import register_model
 
 __all__ = ["SwinTransformer", "WindowAttention"]
@@ -210,7 +211,7 @@ class SwinTransformer(nn.Module):
         self.head = (
             nn.Linear(self.feature_dims[-1], num_classes) if num_classes and not features_only else nn.Identity()
         )
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Images (B, C_in, H, W) → stage maps (B, C_i, ⌈H/2^(i+2)⌉, ⌈W/2^(i+2)⌉): all four when ``features_only``,
@@ -235,14 +236,6 @@ class SwinTransformer(nn.Module):
         """Images (B, C_in, H, W) → logits (B, num_classes), or the four stage maps when ``features_only``."""
         maps = self.forward_features(x)
         return maps if self.features_only else self.forward_head(maps[-1])
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Truncated-normal linear weights (std 0.02) and zero biases."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 _CONFIGS: dict[str, dict[str, Any]] = {
