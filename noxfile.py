@@ -8,7 +8,7 @@ nox.options.sessions = ["lint", "tests"]
 CONSTRAINTS = ("-c", "constraints.txt")
 
 
-def install(session: nox.Session, extras: str = "test,flops,viz,export") -> None:
+def install(session: nox.Session, extras: str = "test,flops,viz,export,sequence,eval") -> None:
     session.install(*CONSTRAINTS, "-e", f".[{extras}]")
 
 
@@ -54,15 +54,12 @@ def demo_sequence(session: nox.Session) -> None:
     """ToCa vs full attention forecasting weekly Mauna Loa CO2 (data ships in statsmodels); CPU, about 9 min on
     the shared 2-core machine; not a default session. Writes outputs/sequence_demo/{results.md,results.json,
     assignments.png}. Options after `--` go to the demo, e.g. `nox -s demo_sequence -- --steps 50`."""
-    session.install(*CONSTRAINTS, "-e", ".[test,flops,viz]", "statsmodels")
+    install(session, "test,flops,viz,sequence")
     session.run("python", "examples/sequence_demo.py", *session.posargs)
 
 
-REPRODUCTION_INSTALL = ("-e", ".[test,flops,viz]", "pycocotools")
-
-
 def _reproduce(session: nox.Session, *tables: str) -> None:
-    session.install(*CONSTRAINTS, *REPRODUCTION_INSTALL)
+    install(session, "test,flops,viz,eval")
     session.run("python", "-m", "reproductions.reproduce", *tables, *session.posargs)
 
 

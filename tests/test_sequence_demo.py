@@ -85,9 +85,8 @@ def test_a_missing_data_package_names_what_to_install(monkeypatch):
         demo.load_co2()
 
 
-def test_the_co2_record_loads_complete():
-    if importlib.util.find_spec("statsmodels") is None:
-        pytest.skip("the CO2 record ships inside statsmodels, which is not installed (nox -s demo_sequence has it)")
+def test_the_co2_record_loads_complete(optional_module):
+    optional_module("statsmodels", "the CO2 record ships inside statsmodels (pip install tocalib[sequence])")
     series = demo.load_co2()
     assert len(series.values) == len(series.dates) == 2284 and np.isfinite(series.values).all()
     assert str(series.dates[0]) == "1958-03-29" and str(series.dates[-1]) == "2001-12-29"

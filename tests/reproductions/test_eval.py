@@ -123,16 +123,11 @@ def _coco_dataset(root: Path) -> dict:
     return dataset
 
 
-def _needs_pycocotools() -> None:
-    # The `tests` nox session does not install the `eval` extra yet; the reproduce_* sessions do.
-    pytest.importorskip("pycocotools", reason="COCO AP needs pycocotools (`pip install tocalib[eval]`)")
-
-
-def test_coco_results_of_the_ground_truth_score_100(tmp_path: Path) -> None:
+def test_coco_results_of_the_ground_truth_score_100(tmp_path: Path, optional_module) -> None:
     """The result conversion (resize factors, xywh boxes, RLE masks, sorted category ids) is right: the ground
     truth itself, passed through it, gets AP 100 for boxes and masks (the hand-drawn squares differ from
     pycocotools' polygon rasterisation by at most a pixel row, IoU > 0.95)."""
-    _needs_pycocotools()
+    optional_module("pycocotools", "COCO AP needs pycocotools (pip install tocalib[eval])")
     from pycocotools.coco import COCO
 
     from reproductions.eval.coco import coco_metrics, to_coco_results
@@ -160,10 +155,10 @@ def test_coco_results_of_the_ground_truth_score_100(tmp_path: Path) -> None:
     assert metrics == {name: pytest.approx(100.0) for name in metrics}
 
 
-def test_coco_ap_end_to_end(tmp_path: Path) -> None:
+def test_coco_ap_end_to_end(tmp_path: Path, optional_module) -> None:
     """Mask R-CNN with random weights (box-classifier bias towards category 1 so that detections pass the score
     threshold) through the whole COCO path; APs are valid percentages."""
-    _needs_pycocotools()
+    optional_module("pycocotools", "COCO AP needs pycocotools (pip install tocalib[eval])")
     root = tmp_path / "coco"
     _coco_dataset(root)
     section, row = _row("table2", "coco", TINY)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import os
 
 import pytest
 import torch
 from torch import nn
 
 from tocalib import ToCaAttention, ToCaMultiheadAttention
-
-HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
-# The nox test session installs the `export` extra and sets this, so the ONNX test cannot silently skip there.
-REQUIRE_ONNX = os.environ.get("TOCALIB_REQUIRE_OPTIONAL") == "1"
 
 
 def test_same_call_and_return_convention_as_multihead_attention():
@@ -112,13 +106,13 @@ def test_torch_export_with_a_dynamic_sequence_length_and_padding_mask():
         torch.testing.assert_close(program.module()(x, key_padding_mask=pad), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not (HAVE_ONNX or REQUIRE_ONNX), reason="needs the export extra: onnx, onnxscript, onnxruntime")
 @pytest.mark.filterwarnings(
     r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
 )  # torch.onnx's own
-def test_onnx_export_runs_in_onnxruntime_at_other_lengths():
-    import onnxruntime
-
+def test_onnx_export_runs_in_onnxruntime_at_other_lengths(optional_module):
+    for module in ("onnx", "onnxscript"):
+        optional_module(module, "ONNX export needs the export extra: pip install tocalib[export]")
+    onnxruntime = optional_module("onnxruntime", "ONNX export needs the export extra: pip install tocalib[export]")
     layer = _seq_layer()
     n = torch.export.Dim("n", min=2, max=4096)
     program = torch.onnx.export(layer, (torch.randn(2, 16, 32),), dynamo=True, dynamic_shapes={"x": {1: n}})

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tocalib.pooling import cluster_counts, hard_assign, hard_assignment_matrix, pool, scatter_mean_pool, soft_assign
-
-HAVE_TORCH_SCATTER = importlib.util.find_spec("torch_scatter") is not None
-# The nox test session installs torch-scatter and sets this, so the agreement test cannot silently skip there.
-REQUIRE_TORCH_SCATTER = os.environ.get("TOCALIB_REQUIRE_OPTIONAL") == "1"
 
 
 @st.composite
@@ -69,9 +62,9 @@ def test_soft_assignment_of_bf16_logits_is_the_float32_softmax_rounded_once():
     assert torch.equal(soft_assign(logits), expected)
 
 
-@pytest.mark.skipif(not (HAVE_TORCH_SCATTER or REQUIRE_TORCH_SCATTER), reason="torch-scatter is not installed")
 @given(hard_problems())
-def test_torch_scatter_backend_agrees_with_native_torch(problem):
+def test_torch_scatter_backend_agrees_with_native_torch(optional_module, problem):
+    optional_module("torch_scatter", "torch-scatter is not installed (pip install tocalib[scatter])")
     logits, x, keep = problem
     index, weight = hard_assign(logits, keep)
     counts = cluster_counts(index, weight, logits.shape[1])
