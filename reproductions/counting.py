@@ -174,7 +174,7 @@ class Counter:
         image = torch.ones(1, 3, *section.resolution)
         with torch.no_grad():
             if section.task == "classification":  # the head's mean pooling does no MACs
-                parts = _traced_parts(model, image, not_macs=("aten::mean",))
+                parts = _traced_parts(model, image, not_macs=())
             elif section.task == "segmentation":  # as models.heads.flops.segmentor_macs: decode head only
                 assert isinstance(model, EncoderDecoder)
                 parts = _traced_parts(model, image, not_macs=())

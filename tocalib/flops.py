@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -165,12 +165,19 @@ class _Call(nn.Module):
         return self.module(*args, **self.kwargs)
 
 
-def mac_analysis(module: nn.Module, *args: Any, not_macs: Iterable[str] = (), **kwargs: Any) -> Any:
+def mac_analysis(
+    module: nn.Module,
+    *args: Any,
+    not_macs: Iterable[str] = (),
+    handles: Mapping[str, Callable[[list[Any], list[Any]], Any]] | None = None,
+    **kwargs: Any,
+) -> Any:
     """An fvcore ``FlopCountAnalysis`` of ``module(*args, **kwargs)`` with tocalib's handles.
 
     The module is traced as it is (call ``.eval()`` first for inference counts). Module names in
-    ``by_module()`` carry a leading ``module.``. Raises :class:`UncountedOpError` if any traced
-    operator is neither counted nor in :data:`NOT_MACS` ∪ ``not_macs``.
+    ``by_module()`` carry a leading ``module.``. ``handles`` add or replace fvcore handles (op name →
+    ``handle(inputs, outputs)``), e.g. to count an operator in another tool's convention. Raises
+    :class:`UncountedOpError` if any traced operator is neither counted nor in :data:`NOT_MACS` ∪ ``not_macs``.
     """
     try:
         with warnings.catch_warnings():
@@ -178,7 +185,7 @@ def mac_analysis(module: nn.Module, *args: Any, not_macs: Iterable[str] = (), **
             from fvcore.nn import FlopCountAnalysis
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError("measured MAC counts need fvcore: `pip install tocalib[flops]`") from err
-    analysis = FlopCountAnalysis(_Call(module, kwargs), tuple(args)).set_op_handle(**_HANDLES)
+    analysis = FlopCountAnalysis(_Call(module, kwargs), tuple(args)).set_op_handle(**_HANDLES, **(handles or {}))
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     analysis.total()
     ignored = NOT_MACS | frozenset(not_macs)
@@ -191,10 +198,16 @@ def mac_analysis(module: nn.Module, *args: Any, not_macs: Iterable[str] = (), **
     return analysis
 
 
-def count_macs(module: nn.Module, *args: Any, not_macs: Iterable[str] = (), **kwargs: Any) -> int:
+def count_macs(
+    module: nn.Module,
+    *args: Any,
+    not_macs: Iterable[str] = (),
+    handles: Mapping[str, Callable[[list[Any], list[Any]], Any]] | None = None,
+    **kwargs: Any,
+) -> int:
     """Measured MACs of ``module(*args, **kwargs)`` (fvcore plus tocalib's handles), e.g.
     ``count_macs(model.eval(), torch.ones(1, 3, 224, 224))``. See :func:`mac_analysis`."""
-    return int(mac_analysis(module, *args, not_macs=not_macs, **kwargs).total())
+    return int(mac_analysis(module, *args, not_macs=not_macs, handles=handles, **kwargs).total())
 
 
 def toca_macs(

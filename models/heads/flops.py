@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from models.heads.mask_rcnn import MaskRCNN
-from tocalib.flops import count_macs, mac_analysis
+from tocalib.flops import count_macs
 
 __all__ = ["mask_rcnn_macs", "segmentor_macs", "transposed_conv_per_output_macs"]
 
@@ -69,14 +69,10 @@ def transposed_conv_per_output_macs(inputs: list[Any], outputs: list[Any]) -> Co
 
 
 def _macs(module: nn.Module, *args: Any, convention: Convention) -> int:
-    if convention == "fvcore":
-        return count_macs(module, *args, not_macs=NOT_MACS)
-    if convention != "paper":
+    if convention not in ("paper", "fvcore"):
         raise ValueError(f"convention must be 'paper' or 'fvcore', got {convention!r}")
-    analysis = mac_analysis(module, *args, not_macs=NOT_MACS).set_op_handle(
-        "aten::_convolution", transposed_conv_per_output_macs
-    )
-    return int(analysis.total())
+    handles = {"aten::_convolution": transposed_conv_per_output_macs} if convention == "paper" else None
+    return count_macs(module, *args, not_macs=NOT_MACS, handles=handles)
 
 
 def segmentor_macs(segmentor: nn.Module, image_hw: tuple[int, int] = (512, 512)) -> int:
