@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from models import create_model
-from models.heads import EncoderDecoder, MaskRCNN, paca_segmentor, upernet_segmentor
+from models.heads import MaskRCNN, paca_segmentor, upernet_segmentor
 from models.heads.flops import NOT_MACS as DETECTION_NOT_MACS
 from models.heads.flops import mask_rcnn_macs
 from models.teacher import ConvMixerLayer
@@ -91,7 +91,7 @@ def official_fvcore_skips(model: nn.Module) -> list[str]:
     return [f"{name}.0.fn.0" for name, module in model.named_modules() if isinstance(module, ConvMixerLayer)]
 
 
-def _traced_parts(model: nn.Module, image: Tensor, not_macs: tuple[str, ...], split: Sequence[str] = ()) -> dict:
+def _traced_parts(model: nn.Module, image: Tensor, not_macs: tuple[str, ...] = (), split: Sequence[str] = ()) -> dict:
     """One fvcore trace of ``model(image)``: ``all_ops``, the :data:`SKIPPED` MACs, and the MACs of each
     top-level child named in ``split``."""
     by_module = mac_analysis(model, image, not_macs=not_macs).by_module()
@@ -173,11 +173,8 @@ class Counter:
         model = build_model(section, row)
         image = torch.ones(1, 3, *section.resolution)
         with torch.no_grad():
-            if section.task == "classification":  # the head's mean pooling does no MACs
-                parts = _traced_parts(model, image, not_macs=())
-            elif section.task == "segmentation":  # as models.heads.flops.segmentor_macs: decode head only
-                assert isinstance(model, EncoderDecoder)
-                parts = _traced_parts(model, image, not_macs=())
+            if section.task in ("classification", "segmentation"):  # segmentation: decode head only, as
+                parts = _traced_parts(model, image)  # models.heads.flops.segmentor_macs counts
             else:
                 assert isinstance(model, MaskRCNN)
                 parts = _pyramid_macs(model, image)
