@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["init_weights"]
+__all__ = ["MeanPoolClassifier", "init_weights"]
 
 
 @torch.no_grad()
@@ -37,3 +37,22 @@ def init_weights(module: nn.Module) -> None:
         return
     if module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+class MeanPoolClassifier(nn.Module):
+    """``forward``/``forward_head`` of a pyramid backbone with a mean-pool linear head.
+
+    The subclass defines ``forward_features(x) -> list of (B, C_i, H_i, W_i) maps``, ``head`` and ``features_only``.
+    """
+
+    head: nn.Module
+    features_only: bool
+
+    def forward_head(self, last_map: Tensor) -> Tensor:
+        """Last stage map (B, C_4, H_4, W_4) → logits (B, num_classes) by the mean over positions."""
+        return self.head(last_map.mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        """Images (B, C_in, H, W) → logits (B, num_classes), or the stage maps when ``features_only``."""
+        maps = self.forward_features(x)
+        return maps if self.features_only else self.forward_head(maps[-1])

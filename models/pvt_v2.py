@@ -21,7 +21,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models._layers import init_weights
+from models._layers import MeanPoolClassifier, init_weights
 from models._registry import register_model
 
 __all__ = ["PyramidVisionTransformerV2", "SpatialReductionAttention"]
@@ -132,7 +132,7 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), size
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(MeanPoolClassifier):
     """The PVTv2 backbone and classifier.
 
     Args:
@@ -192,15 +192,6 @@ class PyramidVisionTransformerV2(nn.Module):
             x = _tokens_to_grid(norm(x), size)
             maps.append(x)
         return maps
-
-    def forward_head(self, last_map: Tensor) -> Tensor:
-        """Last stage map (B, C_4, H_4, W_4) → logits (B, num_classes) by the mean over positions."""
-        return self.head(last_map.mean(dim=(2, 3)))
-
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        """Images (B, C_in, H, W) → logits (B, num_classes), or the stage maps when ``features_only``."""
-        maps = self.forward_features(x)
-        return maps if self.features_only else self.forward_head(maps[-1])
 
 
 _CONFIGS: dict[str, dict[str, Any]] = {

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models._layers import init_weights
+from models._layers import MeanPoolClassifier, init_weights
 from models._registry import register_model
 
 __all__ = ["SwinTransformer", "WindowAttention"]
@@ -161,7 +161,7 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(MeanPoolClassifier):
     """The Swin Transformer backbone and classifier.
 
     Args:
@@ -227,15 +227,6 @@ class SwinTransformer(nn.Module):
                 maps.append(self.norms[i](x).permute(0, 3, 1, 2))
             x = downsample(x)
         return maps if self.features_only else [self.norms[0](x).permute(0, 3, 1, 2)]
-
-    def forward_head(self, last_map: Tensor) -> Tensor:
-        """Last stage map (B, C_4, H_4, W_4) → logits (B, num_classes) by the mean over positions."""
-        return self.head(last_map.mean(dim=(2, 3)))
-
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        """Images (B, C_in, H, W) → logits (B, num_classes), or the four stage maps when ``features_only``."""
-        maps = self.forward_features(x)
-        return maps if self.features_only else self.forward_head(maps[-1])
 
 
 _CONFIGS: dict[str, dict[str, Any]] = {
