@@ -2,10 +2,10 @@
 
 An mmengine checkpoint is ``{'meta', 'state_dict', ...}`` whose ``state_dict`` keys start with the module
 names (``backbone.``, ``neck.``, ``rpn_head.``, ``roi_head.``, ``decode_head.``, ``auxiliary_head.``). The
-backbone part goes through :func:`models.load_official_state_dict` (its cluster-layer rules included); every
-other top-level module is loaded by the same function under its mmdet/mmseg name, so both parts report
-missing, unexpected and mismatched keys the same way. Loading is all-or-nothing: on an error the model is
-restored before the :class:`~models.loading.StateDictMismatchError` propagates.
+backbone part is matched by the backbone loader's rules (:func:`models.loading.match_state_dict`, its
+cluster-layer skip included), every other top-level module under its mmdet/mmseg name, and the joined report
+decides: loading is all-or-nothing, and a :class:`~models.loading.StateDictMismatchError` lists every missing,
+unexpected and mismatched key of both parts under its full name before anything is copied.
 """
 
 from __future__ import annotations
@@ -13,23 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from models.loading import LoadReport, StateDictMismatchError, load_official_state_dict
+from models.loading import LoadReport, copy_matched, flat_state_dict, match_state_dict, read_checkpoint
 
 __all__ = ["load_mmengine_checkpoint"]
-
-
-def _state_dict(checkpoint: Mapping[str, object] | str | os.PathLike[str]) -> dict[str, Tensor]:
-    if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint file {os.fspath(checkpoint)!r} does not exist; check the path")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint['state_dict'] must be a mapping of tensors, got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_mmengine_checkpoint(
@@ -53,31 +41,16 @@ def load_mmengine_checkpoint(
     Returns:
         One :class:`~models.loading.LoadReport` with full (prefixed) key names.
     """
-    state = _state_dict(checkpoint)
     children = dict(model.named_children())
     if "backbone" not in children:
         raise ValueError(f"model must have a 'backbone' child (mmdet/mmseg layout), got children {sorted(children)}")
-    backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    raw = read_checkpoint(checkpoint, weights_only=False) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state = flat_state_dict(raw)
+    backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     heads = nn.ModuleDict({name: child for name, child in children.items() if name != "backbone"})
     head_state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    backup = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        head_report = load_official_state_dict(heads, head_state, strict=strict)
-        backbone_report = load_official_state_dict(
-            model.backbone, backbone_state, strict=strict, skip_mismatched_clusters=skip_mismatched_clusters
-        )
-    except StateDictMismatchError:
-        model.load_state_dict(backup)
-        raise
-
-    def prefixed(keys: list[str]) -> list[str]:
-        return [f"backbone.{k}" for k in keys]
-
-    return LoadReport(
-        loaded=prefixed(backbone_report.loaded) + head_report.loaded,
-        missing=prefixed(backbone_report.missing) + head_report.missing,
-        unexpected=prefixed(backbone_report.unexpected) + head_report.unexpected,
-        mismatched=[(f"backbone.{k}", a, b) for k, a, b in backbone_report.mismatched] + head_report.mismatched,
-        skipped_clusters=prefixed(backbone_report.skipped_clusters),
-        ignored=prefixed(backbone_report.ignored) + head_report.ignored,
-    )
+    report = match_state_dict(model.backbone, backbone_state, skip_mismatched_clusters).with_prefix(
+        "backbone."
+    ) + match_state_dict(heads, head_state)
+    copy_matched(model, state, report, strict)
+    return report
