@@ -19,7 +19,8 @@ class EncoderDecoder(nn.Module):
 
     * ``forward(img)`` is mmseg's "tensor" mode: the decode head's logits at 1/4 resolution, which is what the
       paper's FLOP counts measure (the auxiliary head is not run);
-    * ``loss(img, labels)`` returns the named training losses;
+    * ``loss(img, labels)``, or ``forward(img, labels)`` (mmseg's "loss" mode, the call that
+      ``DistributedDataParallel`` sees), returns the named training losses;
     * ``predict(img)`` is ``mode='whole'`` inference: logits resized to the image, then the arg-max.
     """
 
@@ -35,8 +36,10 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"img must be a (B, 3, H, W) batch, got shape {tuple(img.shape)}; add a batch axis")
         return list(self.backbone(img))
 
-    def forward(self, img: Tensor) -> Tensor:
-        """Decode-head logits (B, num_classes, H/4, W/4)."""
+    def forward(self, img: Tensor, labels: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+        """Decode-head logits (B, num_classes, H/4, W/4); with (B, H, W) ``labels``, the losses of :meth:`loss`."""
+        if labels is not None:
+            return self.loss(img, labels)
         return self.decode_head(self.extract_feat(img))
 
     def loss(self, img: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -57,14 +60,21 @@ class EncoderDecoder(nn.Module):
         return self.predict_logits(img, size).argmax(dim=1)
 
 
-def upernet_segmentor(backbone: nn.Module, in_channels: Sequence[int], num_classes: int = 150) -> EncoderDecoder:
-    """The ADE20k UperNet of the paper: UPerHead (512 ch, PPM 1/2/3/6) + FCN auxiliary head on stage 3 (256 ch,
-    loss 0.4)."""
+def upernet_segmentor(
+    backbone: nn.Module, in_channels: Sequence[int], num_classes: int = 150, channels: int = 512
+) -> EncoderDecoder:
+    """The ADE20k UperNet of the paper: UPerHead (``channels`` = 512, PPM 1/2/3/6) + FCN auxiliary head on stage 3
+    (256 ch, loss 0.4)."""
     return EncoderDecoder(
-        backbone, UPerHead(in_channels, num_classes), FCNHead(in_channels, in_index=2, num_classes=num_classes)
+        backbone,
+        UPerHead(in_channels, num_classes, channels=channels),
+        FCNHead(in_channels, in_index=2, num_classes=num_classes),
     )
 
 
-def paca_segmentor(backbone: nn.Module, in_channels: Sequence[int], num_classes: int = 150) -> EncoderDecoder:
-    """The ADE20k PaCa-head segmentor of the paper (no auxiliary head; the cluster loss is the head's own)."""
-    return EncoderDecoder(backbone, PaCaSegHead(in_channels, num_classes))
+def paca_segmentor(
+    backbone: nn.Module, in_channels: Sequence[int], num_classes: int = 150, channels: int = 256
+) -> EncoderDecoder:
+    """The ADE20k PaCa-head segmentor of the paper (``channels`` = 256; no auxiliary head, the cluster loss is the
+    head's own)."""
+    return EncoderDecoder(backbone, PaCaSegHead(in_channels, num_classes, channels=channels))

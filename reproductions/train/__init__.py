@@ -1,0 +1,14 @@
+"""Training and evaluation pipelines on PyTorch's own distributed engine (torchrun + DistributedDataParallel).
+
+Entry points, each runnable alone or under ``torchrun --nproc_per_node N``:
+
+* ``python -m reproductions.train.classification``: the ImageNet-1k recipe of the paper (reference §6.1) on an
+  ImageFolder tree, or the Fashion-MNIST preset (``--preset fashion_mnist``);
+* ``python -m reproductions.train.segmentation``: the ADE20k recipe (reference §6.3) for the PaCa head and
+  UperNet, or the scikit-image texture preset (``--preset textures``).
+
+The pieces: :mod:`.config` (dataclass configs and their command lines), :mod:`.distributed` (process group,
+samplers), :mod:`.optim` (parameter groups, lr rules and schedules), :mod:`.checkpoint` (save and exact
+resume), :mod:`.engine` (the loop, logging, metrics), :mod:`.data`/:mod:`.transforms` (classification data),
+:mod:`.seg_data`/:mod:`.metrics` (segmentation data and mIoU).
+"""

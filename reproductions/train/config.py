@@ -1,0 +1,90 @@
+"""Training configs as dataclasses, their command lines and named presets.
+
+A run's settings are resolved in three layers: the dataclass defaults (the paper's recipe), then a named preset,
+then the options given on the command line. :func:`parse_config` builds an ``argparse`` parser from the
+dataclass fields, so every field is an option (``--warmup-epochs 5``, ``--no-amp``, ``--scale 0.08 1``,
+``--model-kwargs '{"embed_dims": [32, 64, 128, 192]}'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["parse_config", "to_jsonable"]
+
+C = TypeVar("C")
+
+
+def _parser_for(name: str, hint: Any) -> dict[str, Any]:
+    """``add_argument`` keywords for a field of type ``hint``."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is tuple:
+        (item, *_) = typing.get_args(hint)
+        return {"nargs": "+", "type": item, "metavar": name.upper()}
+    if origin is dict or hint is dict:
+        return {"type": json.loads, "metavar": "JSON"}
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        return {"type": type(choices[0]), "choices": choices}
+    if hint in (int, float, str, Path):
+        return {"type": _none_or(hint) if optional else hint}
+    raise TypeError(f"config field {name!r} has type {hint!r}, which has no command-line form")
+
+
+def _none_or(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_config(
+    cls: type[C], argv: Sequence[str] | None = None, presets: Mapping[str, Mapping[str, Any]] | None = None
+) -> C:
+    """A ``cls`` instance from the defaults, then ``--preset NAME`` from ``presets``, then ``argv``."""
+    presets = dict(presets or {})
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0])
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="a named bundle of settings")
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kwargs = _parser_for(field.name, hints[field.name])
+        parser.add_argument(flag, dest=field.name, default=None, help=f"(default: {_default(field)!r})", **kwargs)
+    args = vars(parser.parse_args(argv))
+    chosen = dict(presets[args.pop("preset")]) if args.get("preset") else {}
+    args.pop("preset", None)
+    chosen.update({key: value for key, value in args.items() if value is not None})
+    for key, value in chosen.items():
+        if typing.get_origin(_strip_optional(hints[key])) is tuple:
+            chosen[key] = tuple(value)
+    return cls(**chosen)
+
+
+def _strip_optional(hint: Any) -> Any:
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def to_jsonable(config: object) -> dict[str, Any]:
+    """The config's fields as a JSON-ready dict (paths as strings, tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
