@@ -232,6 +232,7 @@ class Trainer:
             else None
         )
         self.sampler = ResumableSampler(len(train_set), ctx, shuffle=True, seed=settings.seed)
+        self.worker_seeds = torch.Generator()
         self.loader = DataLoader(
             train_set,
             batch_size=settings.batch_size,
@@ -239,6 +240,7 @@ class Trainer:
             num_workers=settings.workers,
             drop_last=True,
             pin_memory=ctx.device.type == "cuda",
+            generator=self.worker_seeds,
         )
         if len(self.loader) != settings.steps_per_epoch:
             raise ValueError(
@@ -319,11 +321,15 @@ class Trainer:
         return {"loss": loss.detach(), **{name: value.detach() for name, value in parts.items()}}
 
     def _batches(self) -> Iterator[Any]:
-        """Batches from the current step on, epoch after epoch (an epoch part-way through is resumed)."""
+        """Batches from the current step on, epoch after epoch (an epoch part-way through is resumed).
+
+        The loader draws its workers' base seed from its own generator, seeded by (seed, rank, epoch), so that
+        starting an epoch leaves torch's global RNG (the one checkpoints restore) untouched."""
         per_epoch = self.settings.steps_per_epoch
         while True:
             epoch, done = divmod(self.step, per_epoch)
             self.sampler.set_epoch(epoch, done * self.settings.batch_size)
+            self.worker_seeds.manual_seed(self.settings.seed + 1000 * self.ctx.rank + 1_000_003 * epoch)
             yield from self.loader
 
     @torch.no_grad()

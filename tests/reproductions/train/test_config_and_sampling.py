@@ -1,0 +1,91 @@
+"""Config command lines and presets; the samplers that split data over ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from reproductions.train.config import parse_config, to_jsonable
+from reproductions.train.distributed import DistContext, ResumableSampler, ShardSampler, batches_per_epoch
+
+
+@dataclass
+class Demo:
+    """A demo config.
+
+    More text."""
+
+    name: str = "a"
+    epochs: int = 3
+    lr: float | None = None
+    amp: bool = True
+    scale: tuple[float, ...] = (0.08, 1.0)
+    kwargs: dict = field(default_factory=dict)
+    mode: Literal["x", "y"] = "x"
+    out: Path = Path("runs")
+
+
+PRESETS = {"small": {"epochs": 1, "scale": (0.5, 1.0)}}
+
+
+def test_defaults_presets_and_command_line_layer_in_order() -> None:
+    assert parse_config(Demo, [], PRESETS) == Demo()
+    assert parse_config(Demo, ["--preset", "small"], PRESETS) == Demo(epochs=1, scale=(0.5, 1.0))
+    argv = ["--preset", "small", "--epochs", "7", "--lr", "0.1", "--no-amp", "--scale", "0.2", "0.9"]
+    argv += ["--kwargs", '{"depths": [1, 2]}', "--mode", "y", "--out", "/tmp/r"]
+    config = parse_config(Demo, argv, PRESETS)
+    assert config == Demo(
+        epochs=7, lr=0.1, amp=False, scale=(0.2, 0.9), kwargs={"depths": [1, 2]}, mode="y", out=Path("/tmp/r")
+    )
+    assert parse_config(Demo, ["--lr", "none"]).lr is None
+    assert to_jsonable(config)["out"] == "/tmp/r" and to_jsonable(config)["scale"] == [0.2, 0.9]
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "two"], ["--mode", "z"], ["--preset", "big"], ["--kwargs", "{bad"]])
+def test_bad_command_lines_exit_with_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(Demo, argv, PRESETS)
+    assert "error" in capsys.readouterr().err
+
+
+def _ctx(rank: int, world: int) -> DistContext:
+    return DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+
+
+@given(size=st.integers(1, 200), world=st.integers(1, 5))
+def test_shards_cover_every_sample_exactly_once(size: int, world: int) -> None:
+    shards = [list(ShardSampler(size, _ctx(rank, world))) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+    assert [len(ShardSampler(size, _ctx(rank, world))) for rank in range(world)] == [len(s) for s in shards]
+
+
+@given(size=st.integers(8, 200), world=st.integers(1, 4), batch=st.integers(1, 6), epoch=st.integers(0, 3))
+def test_resumed_epoch_continues_with_the_same_batches(size: int, world: int, batch: int, epoch: int) -> None:
+    for rank in range(world):
+        sampler = ResumableSampler(size, _ctx(rank, world), seed=3)
+        loader = DataLoader(range(size), batch_size=batch, sampler=sampler, drop_last=True)
+        sampler.set_epoch(epoch)
+        full = [b.tolist() for b in loader]
+        assert len(full) == batches_per_epoch(size, _ctx(rank, world), batch)
+        for done in range(len(full) + 1):
+            sampler.set_epoch(epoch, done * batch)
+            assert [b.tolist() for b in loader] == full[done:]
+
+
+def test_epochs_reshuffle_and_ranks_agree_on_the_order() -> None:
+    first, second = (ResumableSampler(64, _ctx(rank, 2), seed=0) for rank in range(2))
+    first.set_epoch(0)
+    second.set_epoch(0)
+    assert sorted(list(first) + list(second)) == list(range(64))
+    epoch0 = list(first)
+    first.set_epoch(1)
+    assert list(first) != epoch0
+    with pytest.raises(ValueError, match="skip"):
+        first.set_epoch(0, 33)

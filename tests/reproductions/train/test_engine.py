@@ -1,0 +1,169 @@
+"""The training loop in one process: exact resume, EMA, metrics records, checkpoints and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from reproductions.train.checkpoint import load_checkpoint
+from reproductions.train.distributed import DistContext
+from reproductions.train.engine import RunLog, Trainer, TrainSettings, resolve_resume
+from reproductions.train.optim import WarmupCosine, no_decay_groups
+
+CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Noisy(Dataset):
+    """Fixed points plus augmentation noise drawn from torch's global RNG (as the real transforms do)."""
+
+    def __init__(self, n: int = 24) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 6, generator=generator)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i] + 0.1 * torch.randn(6), self.y[i]
+
+
+class Task:
+    key_metric = "acc"
+
+    def __init__(self, data: Noisy, fail_at: int | None = None) -> None:
+        self.data, self.fail_at, self.calls = data, fail_at, 0
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        self.calls += 1
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            loss = loss * float("nan")
+        return loss, {"twice": 2 * loss}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"acc": 100.0 * float((model(self.data.x).argmax(1) == self.data.y).float().mean())}
+
+
+def _trainer(out: Path, resume: Path | None = None, ema: float = 0.0, task: Task | None = None, **kw) -> Trainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.GELU(), nn.Linear(16, 2))
+    optimizer = torch.optim.AdamW(no_decay_groups(model, 0.05), lr=1e-2)
+    settings = TrainSettings(
+        total_steps=10, steps_per_epoch=4, batch_size=6, eval_every=4, log_every=2, workers=0, ema_decay=ema, **kw
+    )
+    data = Noisy()
+    return Trainer(
+        model,
+        optimizer,
+        WarmupCosine(10, 2, 0.1, 0.01),
+        data,
+        task or Task(data),
+        settings,
+        CTX,
+        out,
+        {"name": "test"},
+        RunLog(out, CTX),
+        resume=resume,
+    )
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(tmp_path: Path, ema: float) -> None:
+    straight = _trainer(tmp_path / "straight", ema=ema)
+    straight.fit()
+    first = _trainer(tmp_path / "split", ema=ema, stop_after=5)
+    first.fit()
+    assert first.step == 5 and load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 5
+    second = _trainer(tmp_path / "split", resume=tmp_path / "split" / "last.pt", ema=ema)
+    assert second.step == 5
+    second.fit()
+    for a, b in zip(straight.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if ema:
+        for a, b in zip(straight.ema.state_dict().values(), second.ema.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(straight.ema.module[0].weight, straight.model[0].weight)
+    train_steps = [r["step"] for r in _records(tmp_path / "split") if r["split"] == "train"]
+    assert train_steps == [2, 4, 5, 6, 8, 10]
+    assert [r["step"] for r in _records(tmp_path / "straight") if r["split"] == "train"] == [2, 4, 6, 8, 10]
+    log = (tmp_path / "split" / "log.txt").read_text()
+    assert "stopped after step 5" in log and "resumed from" in log and "at step 5/10" in log
+
+
+def test_records_checkpoints_and_best_weights(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, ema=0.5)
+    results = trainer.fit()
+    records = _records(tmp_path)
+    train = [r for r in records if r["split"] == "train"]
+    assert all({"lr", "loss", "twice", "samples_per_s", "epoch", "time"} <= set(r) for r in train)
+    assert all(r["twice"] == pytest.approx(2 * r["loss"]) for r in train)
+    assert [r["step"] for r in records if r["split"] == "val"] == [4, 8, 10]
+    assert [r["step"] for r in records if r["split"] == "val_ema"] == [4, 8, 10]
+    assert set(results) == {"val/acc", "val_ema/acc"}
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["acc"] == max(r["acc"] for r in records if r["split"].startswith("val"))
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 10 and state["epoch"] == 2.5 and state["world_size"] == 1 and len(state["rng"]) == 1
+    assert state["scheduler"]["last_epoch"] == 10
+    assert json.loads((tmp_path / "config.json").read_text()) == {"name": "test"}
+
+
+def test_lr_follows_the_schedule(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.fit()
+    lrs = {r["step"]: r["lr"] for r in _records(tmp_path) if r["split"] == "train"}
+    schedule = WarmupCosine(10, 2, 0.1, 0.01)
+    assert lrs == {step: pytest.approx(1e-2 * schedule(step)) for step in (2, 4, 6, 8, 10)}
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, task=Task(Noisy(), fail_at=3))
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 4"):
+        trainer.fit()
+
+
+def test_bad_settings_and_checkpoints_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="steps_per_epoch=4 but 24 samples"):
+        Trainer(
+            nn.Linear(6, 2),
+            torch.optim.SGD(nn.Linear(6, 2).parameters(), lr=0.1),
+            lambda step: 1.0,
+            Noisy(),
+            Task(Noisy()),
+            TrainSettings(total_steps=4, steps_per_epoch=4, batch_size=7, eval_every=4, workers=0),
+            CTX,
+            tmp_path,
+            {},
+            RunLog(tmp_path, CTX),
+        )
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainSettings(total_steps=1, steps_per_epoch=1, batch_size=1, eval_every=1, ema_decay=1.0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"state_dict": {}}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        load_checkpoint(tmp_path / "weights.pt")
+    _trainer(tmp_path / "plain", stop_after=2).fit()
+    with pytest.raises(ValueError, match="no EMA weights"):
+        _trainer(tmp_path / "plain", resume=tmp_path / "plain" / "last.pt", ema=0.9)
+
+
+def test_resume_auto_finds_the_last_checkpoint(tmp_path: Path) -> None:
+    log = RunLog(tmp_path, CTX)
+    assert resolve_resume(None, tmp_path, log) is None
+    assert resolve_resume("auto", tmp_path, log) is None
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert resolve_resume("auto", tmp_path, log) == tmp_path / "last.pt"
+    assert resolve_resume("x/y.pt", tmp_path, log) == Path("x/y.pt")
