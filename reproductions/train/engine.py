@@ -248,6 +248,10 @@ class Trainer:
                 f"process(es) in batches of {settings.batch_size} make {len(self.loader)}; use batches_per_epoch()"
                 + ("; lower --batch-size or add data" if len(self.loader) == 0 else "")
             )
+        if resume is None and (out_dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"{out_dir} already holds a run (metrics.jsonl): continue it with --resume auto, or pass another --out"
+            )
         self.step = 0
         self.best = -math.inf
         torch.manual_seed(settings.seed + 1000 * ctx.rank)

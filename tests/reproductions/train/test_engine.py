@@ -156,6 +156,8 @@ def test_bad_settings_and_checkpoints_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a training checkpoint"):
         load_checkpoint(tmp_path / "weights.pt")
     _trainer(tmp_path / "plain", stop_after=2).fit()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        _trainer(tmp_path / "plain")
     with pytest.raises(ValueError, match="no EMA weights"):
         _trainer(tmp_path / "plain", resume=tmp_path / "plain" / "last.pt", ema=0.9)
 
