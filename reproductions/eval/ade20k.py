@@ -18,21 +18,22 @@ from PIL import Image
 
 from models.heads import EncoderDecoder
 from reproductions.eval.common import load_rgb, rescaled_size, to_input
+from reproductions.train.metrics import IoUAccumulator
 
-__all__ = ["NUM_CLASSES", "evaluate", "list_pairs", "load_labels"]
+__all__ = ["NUM_CLASSES", "evaluate", "list_pairs", "load_labels", "read_pair"]
 
 NUM_CLASSES = 150
 IGNORE = 255
 
 
-def list_pairs(root: Path) -> list[tuple[Path, Path]]:
-    """(image, annotation) pairs of the validation split, sorted by name."""
-    images, annotations = root / "images" / "validation", root / "annotations" / "validation"
+def list_pairs(root: Path, split: str = "validation") -> list[tuple[Path, Path]]:
+    """(image, annotation) pairs of ``split`` (``"training"`` or ``"validation"``), sorted by name."""
+    images, annotations = root / "images" / split, root / "annotations" / split
     for folder in (images, annotations):
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"{folder} does not exist; expected the ADEChallengeData2016 layout images/validation/*.jpg and "
-                "annotations/validation/*.png"
+                f"{folder} does not exist; expected the ADEChallengeData2016 layout images/{split}/*.jpg and "
+                f"annotations/{split}/*.png"
             )
     pairs = []
     for image in sorted(images.glob("*.jpg")):
@@ -46,12 +47,33 @@ def list_pairs(root: Path) -> list[tuple[Path, Path]]:
 
 
 def load_labels(path: Path) -> np.ndarray:
-    """(H, W) int64 class indices 0…149 with 255 = ignore (``reduce_zero_label``)."""
+    """(H, W) int64 class indices 0…149 with 255 = ignore: mmseg's ``reduce_zero_label`` (raw 0 = "other" and
+    raw 255 become 255, raw 1…150 become 0…149)."""
     with Image.open(path) as annotation:
         raw = np.asarray(annotation).astype(np.int64)
     if raw.ndim != 2:
         raise ValueError(f"annotation {path} must be a single-channel PNG of class ids, got shape {raw.shape}")
-    return np.where(raw == 0, IGNORE, raw - 1)
+    return np.where((raw == 0) | (raw == IGNORE), IGNORE, raw - 1)
+
+
+def read_pair(image_path: Path, annotation_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 RGB image and its (H, W) int64 labels (see :func:`load_labels`). A file that cannot be
+    decoded, or an annotation whose size differs from its image, raises an error naming the file(s)."""
+    arrays = []
+    for path, read in ((image_path, load_rgb), (annotation_path, load_labels)):
+        try:
+            arrays.append(read(path))
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise OSError(f"cannot decode {path} ({error}); the file is corrupt: re-extract or remove it") from error
+    image, labels = arrays
+    if labels.shape != image.shape[:2]:
+        raise ValueError(
+            f"annotation {annotation_path} is {labels.shape}, its image {image_path} {image.shape[:2]}; the pair must "
+            "have the same height and width"
+        )
+    return image, labels
 
 
 @torch.no_grad()
@@ -64,23 +86,12 @@ def evaluate(
     """mIoU and pixel accuracy (aAcc), in %, of ``segmentor`` on the validation split under ``root``."""
     pairs = list_pairs(root)
     segmentor.eval()
-    intersect = np.zeros(NUM_CLASSES, dtype=np.int64)
-    area_pred = np.zeros(NUM_CLASSES, dtype=np.int64)
-    area_label = np.zeros(NUM_CLASSES, dtype=np.int64)
+    accumulator = IoUAccumulator(NUM_CLASSES, ignore_index=IGNORE)
     for i, (image_path, label_path) in enumerate(pairs):
-        image, labels = load_rgb(image_path), load_labels(label_path)
-        if labels.shape != image.shape[:2]:
-            raise ValueError(f"annotation {label_path} is {labels.shape}, its image {image.shape[:2]}")
+        image, labels = read_pair(image_path, label_path)
         x = to_input(image, rescaled_size(*image.shape[:2], scale))
-        pred = segmentor.predict(x, size=labels.shape)[0].numpy()
-        valid = labels != IGNORE
-        pred, labels = pred[valid], labels[valid]
-        intersect += np.bincount(pred[pred == labels], minlength=NUM_CLASSES)[:NUM_CLASSES]
-        area_pred += np.bincount(pred, minlength=NUM_CLASSES)[:NUM_CLASSES]
-        area_label += np.bincount(labels, minlength=NUM_CLASSES)[:NUM_CLASSES]
+        accumulator.update(segmentor.predict(x, size=labels.shape)[0], labels)
         if i % 100 == 0:
             log(f"      ade20k: {i + 1}/{len(pairs)} images")
-    union = area_pred + area_label - intersect
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = intersect / union
-    return {"mIoU": 100.0 * float(np.nanmean(iou)), "aAcc": 100.0 * float(intersect.sum() / area_label.sum())}
+    metrics = accumulator.compute()
+    return {"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]}
