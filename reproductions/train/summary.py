@@ -1,0 +1,84 @@
+"""Summarise training runs from their ``metrics.jsonl`` and ``config.json``: ``python -m
+reproductions.train.summary RUN_DIR [RUN_DIR ...] [--out summary.md]``.
+
+For each run: the final and best evaluation metrics, the steps and epochs trained and the wall-clock time of the
+training (from the records' ``time``, summed over resumed segments); the JSON output also holds each run's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "summarise"]
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run} the --out folder of a training run?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wall_clock(records: list[dict[str, Any]]) -> float:
+    """Seconds of training: each resumed segment restarts its clock, so sum the segments' last times."""
+    total, previous = 0.0, 0.0
+    for record in records:
+        if record["time"] < previous:
+            total += previous
+        previous = record["time"]
+    return total + previous
+
+
+def summarise(run: Path) -> dict[str, Any]:
+    """Final and best validation metrics, steps and wall-clock seconds of the run in ``run``."""
+    records = _records(run)
+    evaluations = [r for r in records if r["split"] == "val"]
+    if not evaluations:
+        raise ValueError(f"{run}/metrics.jsonl has no evaluation record yet")
+    config = json.loads((run / "config.json").read_text())
+    final = evaluations[-1]
+    metrics = [k for k in final if k not in ("split", "step", "epoch", "time")]
+    best = {k: (min if "loss" in k else max)(r[k] for r in evaluations) for k in metrics}
+    return {
+        "run": str(run),
+        "steps": final["step"],
+        "epochs": final.get("epoch"),
+        "wall_clock_s": round(_wall_clock(records), 1),
+        "final": {k: final[k] for k in metrics},
+        "best": best,
+        "config": config,
+    }
+
+
+def _markdown(summaries: list[dict[str, Any]]) -> str:
+    lines = ["| run | steps | epochs | wall clock | final | best |", "|---|---|---|---|---|---|"]
+    for s in summaries:
+        final = ", ".join(f"{k} {v:.2f}" for k, v in s["final"].items())
+        best = ", ".join(f"{k} {v:.2f}" for k, v in s["best"].items())
+        minutes = s["wall_clock_s"] / 60
+        lines.append(f"| {s['run']} | {s['steps']} | {s['epochs']} | {minutes:.1f} min | {final} | {best} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description="Summarise training runs (metrics.jsonl + config.json).")
+    parser.add_argument("runs", nargs="+", type=Path, help="--out folders of training runs")
+    parser.add_argument("--out", type=Path, help="also write the table (.md) and the summaries (.json) here")
+    args = parser.parse_args(argv)
+    summaries = [summarise(run) for run in args.runs]
+    table = _markdown(summaries)
+    print(table, end="")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(summaries, indent=2) + "\n")
+    return summaries
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
