@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from models import create_model, load_official_state_dict
 from reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from reproductions.train.config import parse_config, to_jsonable
+from reproductions.train.config import SMALL_PACA, RunConfig, parse_config
 from reproductions.train.data import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
 from reproductions.train.distributed import DistContext, ShardSampler, all_reduce_sum, batches_per_epoch
-from reproductions.train.engine import RunLog, Trainer, TrainSettings, evaluate_only, resolve_resume, start_run
+from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
 from reproductions.train.optim import WarmupCosine, no_decay_groups, scaled_lr
 from reproductions.train.transforms import Mixup, classification_eval_transform, classification_train_transform
 
@@ -43,7 +43,7 @@ __all__ = ["PRESETS", "ClassificationConfig", "ClassificationTask", "main", "sof
 
 
 @dataclass
-class ClassificationConfig:
+class ClassificationConfig(RunConfig):
     """Train (or evaluate) an image classifier with the paper's ImageNet-1k recipe under torchrun.
 
     Defaults are reference §6.1. ``lr=None`` applies the scaling rule to ``lr_base``, ``warmup_lr`` and
@@ -62,7 +62,6 @@ class ClassificationConfig:
     std: tuple[float, ...] = IMAGENET_STD
     epochs: int = 300
     warmup_epochs: int = 5
-    batch_size: int = 128
     eval_batch_size: int = 128
     lr: float | None = None
     lr_base: float = 5e-4
@@ -83,20 +82,11 @@ class ClassificationConfig:
     remode: str = "pixel"
     recount: int = 1
     drop_path: float | None = None
-    clip_grad: float | None = None
     ema_decay: float = 0.0
-    amp: bool = True
     channels_last: bool = False
     compile: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    workers: int = 8
-    seed: int = 0
     out: Path = Path("runs/classification")
-    resume: str | None = None
-    stop_after: int | None = None
-    log_every: int = 50
     eval_every_epochs: int = 1
-    save_every: int = 0
 
 
 PRESETS: dict[str, dict] = {
@@ -104,13 +94,7 @@ PRESETS: dict[str, dict] = {
     "fashion_mnist": {
         "dataset": "fashion_mnist",
         "model": "pacavit_tiny_p2cconv_100_0",
-        "model_kwargs": {
-            "embed_dims": [32, 64, 128, 192],
-            "depths": [1, 1, 2, 1],
-            "num_heads": [1, 2, 4, 6],
-            "num_clusters": [16, 8, 4, 0],
-            "in_chans": 1,
-        },
+        "model_kwargs": {**SMALL_PACA, "num_clusters": [16, 8, 4, 0], "in_chans": 1},
         "img_size": 28,
         "crop_pct": 1.0,
         "mean": (0.2860,),
@@ -258,43 +242,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             no_decay_groups(model, config.weight_decay), lr=lr, betas=tuple(config.betas), eps=config.eps
         )
         steps_per_epoch = batches_per_epoch(len(train_set), ctx, config.batch_size)
-        settings = TrainSettings(
-            total_steps=config.epochs * steps_per_epoch,
-            steps_per_epoch=steps_per_epoch,
-            batch_size=config.batch_size,
-            eval_every=config.eval_every_epochs * steps_per_epoch,
-            save_every=config.save_every,
-            log_every=config.log_every,
-            workers=config.workers,
-            clip_grad=config.clip_grad,
-            amp=config.amp,
-            ema_decay=config.ema_decay,
-            channels_last=config.channels_last,
-            compile=config.compile,
-            stop_after=config.stop_after,
-            seed=config.seed,
-        )
         schedule = WarmupCosine(
-            total_steps=settings.total_steps,
+            total_steps=config.epochs * steps_per_epoch,
             warmup_steps=config.warmup_epochs * steps_per_epoch,
             warmup_factor=warmup_lr / lr,
             min_factor=min_lr / lr,
         )
         log.info(f"lr {lr:.3g} (warmup from {warmup_lr:.3g}, cosine to {min_lr:.3g}), global batch {global_batch}")
-        trainer = Trainer(
+        return run_training(
+            config,
+            ctx,
+            log,
             model,
             optimizer,
             schedule,
             train_set,
             task,
-            settings,
-            ctx,
-            config.out,
-            to_jsonable(config),
-            log,
-            resume=resolve_resume(config.resume, config.out, log),
+            total_steps=config.epochs * steps_per_epoch,
+            eval_every=config.eval_every_epochs * steps_per_epoch,
+            ema_decay=config.ema_decay,
+            channels_last=config.channels_last,
+            compile=config.compile,
         )
-        return trainer.fit()
 
 
 if __name__ == "__main__":

@@ -14,10 +14,33 @@ import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-__all__ = ["parse_config", "to_jsonable"]
+__all__ = ["SMALL_PACA", "RunConfig", "parse_config", "to_jsonable"]
+
+SMALL_PACA: dict[str, list[int]] = {"embed_dims": [32, 64, 128, 192], "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 6]}
+"""The small PaCa-ViT (1.3 M parameters with a 10-class head) of the CPU smoke runs (``--model-kwargs``)."""
+
+
+@dataclass
+class RunConfig:
+    """Settings every training run shares: batch size per process, precision, clipping, where it runs and
+    writes, how it logs, checkpoints and resumes. Task configs subclass it (and may change the defaults)."""
+
+    batch_size: int = 128
+    clip_grad: float | None = None
+    amp: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = 8
+    seed: int = 0
+    out: Path = Path("runs")
+    resume: str | None = None
+    stop_after: int | None = None
+    log_every: int = 50
+    save_every: int = 0
+
 
 C = TypeVar("C")
 

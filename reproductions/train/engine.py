@@ -32,9 +32,27 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from reproductions.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from reproductions.train.distributed import DistContext, ResumableSampler, all_reduce_sum, init_distributed, shutdown
+from reproductions.train.config import RunConfig, to_jsonable
+from reproductions.train.distributed import (
+    DistContext,
+    ResumableSampler,
+    all_reduce_sum,
+    batches_per_epoch,
+    init_distributed,
+    shutdown,
+)
 
-__all__ = ["Progress", "RunLog", "Task", "TrainSettings", "Trainer", "evaluate_only", "resolve_resume", "start_run"]
+__all__ = [
+    "Progress",
+    "RunLog",
+    "Task",
+    "TrainSettings",
+    "Trainer",
+    "evaluate_only",
+    "resolve_resume",
+    "run_training",
+    "start_run",
+]
 
 
 class RunLog:
@@ -417,3 +435,39 @@ class Trainer:
             **values,
             "samples_per_s": round(images / seconds, 1),
         }
+
+
+def run_training(
+    config: RunConfig,
+    ctx: DistContext,
+    log: RunLog,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Callable[[int], float],
+    train_set: Dataset,
+    task: Task,
+    total_steps: int,
+    eval_every: int,
+    **loop: Any,
+) -> dict[str, float]:
+    """Build the :class:`Trainer` of a run from its config (resuming per ``config.resume``) and train it; ``loop``
+    holds the task-specific :class:`TrainSettings` (e.g. ``ema_decay``)."""
+    settings = TrainSettings(
+        total_steps=total_steps,
+        steps_per_epoch=batches_per_epoch(len(train_set), ctx, config.batch_size),
+        batch_size=config.batch_size,
+        eval_every=eval_every,
+        save_every=config.save_every,
+        log_every=config.log_every,
+        workers=config.workers,
+        clip_grad=config.clip_grad,
+        amp=config.amp,
+        stop_after=config.stop_after,
+        seed=config.seed,
+        **loop,
+    )
+    resume = resolve_resume(config.resume, config.out, log)
+    trainer = Trainer(
+        model, optimizer, schedule, train_set, task, settings, ctx, config.out, to_jsonable(config), log, resume
+    )
+    return trainer.fit()

@@ -36,9 +36,9 @@ from models import create_model, load_official_state_dict
 from models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 from reproductions.eval import ade20k
 from reproductions.eval.common import rescaled_size, to_input
-from reproductions.train.config import parse_config, to_jsonable
-from reproductions.train.distributed import DistContext, ShardSampler, batches_per_epoch
-from reproductions.train.engine import RunLog, Trainer, TrainSettings, evaluate_only, resolve_resume, start_run
+from reproductions.train.config import SMALL_PACA, RunConfig, parse_config
+from reproductions.train.distributed import DistContext, ShardSampler
+from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
 from reproductions.train.metrics import IoUAccumulator
 from reproductions.train.optim import WarmupPoly, custom_key_groups
 from reproductions.train.seg_data import TEXTURE_CLASSES, ADE20kTrain, TextureSegmentation
@@ -53,7 +53,7 @@ PAPER_CUSTOM_KEYS: dict[str, dict[str, dict[str, float]]] = {
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(RunConfig):
     """Train (or evaluate) a PaCa-head or UperNet segmentor with the paper's ADE20k recipe under torchrun.
 
     Defaults are reference §6.3. ``custom_keys=None`` takes the head's released ``custom_keys``
@@ -84,17 +84,9 @@ class SegmentationConfig:
     custom_keys: dict | None = None
     drop_path: float = 0.1
     batch_size: int = 2
-    clip_grad: float | None = None
-    amp: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = 4
-    seed: int = 0
     out: Path = Path("runs/segmentation")
-    resume: str | None = None
-    stop_after: int | None = None
-    log_every: int = 50
     eval_every: int = 16_000
-    save_every: int = 0
 
 
 PRESETS: dict[str, dict] = {
@@ -103,11 +95,7 @@ PRESETS: dict[str, dict] = {
         "dataset": "textures",
         "head": "paca",
         "backbone": "pacavit_tiny_p2cconv_100_0",
-        "backbone_kwargs": {
-            "embed_dims": [32, 64, 128, 192],
-            "depths": [1, 1, 2, 1],
-            "num_heads": [1, 2, 4, 6],
-        },
+        "backbone_kwargs": SMALL_PACA,
         "downstream_clusters": (32, 16, 8, 0),
         "head_channels": 64,
         "crop": 128,
@@ -227,34 +215,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 f"weight decay {group['weight_decay']:.3g}"
             )
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
-        settings = TrainSettings(
-            total_steps=config.iterations,
-            steps_per_epoch=batches_per_epoch(len(train_set), ctx, config.batch_size),
-            batch_size=config.batch_size,
-            eval_every=config.eval_every,
-            save_every=config.save_every,
-            log_every=config.log_every,
-            workers=config.workers,
-            clip_grad=config.clip_grad,
-            amp=config.amp,
-            stop_after=config.stop_after,
-            seed=config.seed,
-        )
         schedule = WarmupPoly(config.iterations, config.warmup_iters, config.warmup_start, config.power)
-        trainer = Trainer(
-            model,
-            optimizer,
-            schedule,
-            train_set,
-            task,
-            settings,
-            ctx,
-            config.out,
-            to_jsonable(config),
-            log,
-            resume=resolve_resume(config.resume, config.out, log),
+        return run_training(
+            config, ctx, log, model, optimizer, schedule, train_set, task, config.iterations, config.eval_every
         )
-        return trainer.fit()
 
 
 if __name__ == "__main__":
