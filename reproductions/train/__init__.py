@@ -10,5 +10,8 @@ Entry points, each runnable alone or under ``torchrun --nproc_per_node N``:
 The pieces: :mod:`.config` (dataclass configs and their command lines), :mod:`.distributed` (process group,
 samplers), :mod:`.optim` (parameter groups, lr rules and schedules), :mod:`.checkpoint` (save and exact
 resume), :mod:`.engine` (the loop, logging, metrics), :mod:`.data`/:mod:`.transforms` (classification data),
-:mod:`.seg_data`/:mod:`.metrics` (segmentation data and mIoU).
+:mod:`.seg_data`/:mod:`.metrics` (segmentation data and mIoU), :mod:`.summary` (tables of finished runs).
+
+This package imports nothing on purpose: ``reproductions.eval`` imports some of its modules, and an eager import
+here would make the two import each other.
 """
