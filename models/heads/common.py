@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,12 +67,16 @@ def check_features(features: Sequence[Tensor], in_channels: Sequence[int], owner
             )
 
 
-def seg_cross_entropy(logits: Tensor, labels: Tensor, weight: float) -> Tensor:
-    """``weight`` × pixel-wise cross-entropy averaged over non-ignored pixels (mmseg ``avg_non_ignore``).
+def seg_cross_entropy(logits: Tensor, labels: Tensor, weight: float, avg_non_ignore: bool = False) -> Tensor:
+    """``weight`` × pixel-wise cross-entropy, as mmseg's ``CrossEntropyLoss`` with ``ignore_index=255``.
 
-    logits (B, L, h, w) are bilinearly resized to the labels' (B, H, W) size first; label 255 is ignored.
+    logits (B, L, h, w) are bilinearly resized to the labels' (B, H, W) size first. Ignored pixels contribute 0;
+    the sum is divided by the number of all pixels, or of the non-ignored ones with ``avg_non_ignore`` (a batch
+    with no labelled pixel then gives 0, not NaN).
     """
     if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must be (B, H, W) with B = {logits.shape[0]}, got {tuple(labels.shape)}")
     logits = resize(logits, labels.shape[-2:])
-    return weight * F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
+    per_pixel = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
+    count = (labels != IGNORE_INDEX).sum() if avg_non_ignore else torch.tensor(labels.numel())
+    return weight * per_pixel.sum() / count.clamp(min=1)

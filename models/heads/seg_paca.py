@@ -97,10 +97,11 @@ class PaCaSegHead(nn.Module):
         return self.forward_with_clusters(features)[0]
 
     def loss(self, features: Sequence[Tensor], labels: Tensor, prefix: str = "decode") -> dict[str, Tensor]:
-        """``{prefix}.loss_ce`` (weight 1) on the class logits and ``paca.loss_ce`` on the cluster logits;
-        labels are (B, H, W) class indices with 255 ignored."""
+        """``{prefix}.loss_ce`` (weight 1, averaged over all pixels) on the class logits and ``paca.loss_ce``
+        (averaged over labelled pixels, mmseg's ``avg_non_ignore``) on the cluster logits; labels are (B, H, W)
+        class indices with 255 ignored."""
         logits, cluster_logits = self.forward_with_clusters(features)
         return {
             f"{prefix}.loss_ce": seg_cross_entropy(logits, labels, 1.0),
-            "paca.loss_ce": seg_cross_entropy(cluster_logits, labels, self.cluster_loss_weight),
+            "paca.loss_ce": seg_cross_entropy(cluster_logits, labels, self.cluster_loss_weight, avg_non_ignore=True),
         }

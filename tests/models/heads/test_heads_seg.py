@@ -63,14 +63,18 @@ def test_paca_head_losses_are_ce_on_logits_and_0_4_ce_on_clusters() -> None:
     losses = head.loss(features, labels)
     logits, clusters = head.forward_with_clusters(features)
 
-    def ce(x: torch.Tensor) -> torch.Tensor:
+    def ce(x: torch.Tensor, over: int) -> torch.Tensor:
         up = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
         keep = labels != IGNORE_INDEX
-        return -up.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0][keep].mean()
+        return -up.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0][keep].sum() / over
 
     assert sorted(losses) == ["decode.loss_ce", "paca.loss_ce"]
-    torch.testing.assert_close(losses["decode.loss_ce"], ce(logits))
-    torch.testing.assert_close(losses["paca.loss_ce"], 0.4 * ce(clusters))
+    # mmseg: the decode loss averages over all pixels, the cluster loss over labelled ones (avg_non_ignore)
+    torch.testing.assert_close(losses["decode.loss_ce"], ce(logits, 64 * 64))
+    torch.testing.assert_close(losses["paca.loss_ce"], 0.4 * ce(clusters, 64 * 56))
+    labels[:] = IGNORE_INDEX
+    unlabelled = head.loss(features, labels)
+    assert unlabelled["decode.loss_ce"] == 0.0 and unlabelled["paca.loss_ce"] == 0.0
 
 
 def test_paca_head_macs_equal_the_closed_form() -> None:
