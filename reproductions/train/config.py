@@ -82,15 +82,18 @@ def parse_config(
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0])
     if presets:
-        parser.add_argument("--preset", choices=sorted(presets), help="a named bundle of settings")
+        parser.add_argument(
+            "--preset", choices=sorted(presets), default=argparse.SUPPRESS, help="a named bundle of settings"
+        )
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         kwargs = _parser_for(field.name, hints[field.name])
-        parser.add_argument(flag, dest=field.name, default=None, help=f"(default: {_default(field)!r})", **kwargs)
+        parser.add_argument(
+            flag, dest=field.name, default=argparse.SUPPRESS, help=f"(default: {_default(field)!r})", **kwargs
+        )
     args = vars(parser.parse_args(argv))
-    chosen = dict(presets[args.pop("preset")]) if args.get("preset") else {}
-    args.pop("preset", None)
-    chosen.update({key: value for key, value in args.items() if value is not None})
+    chosen = dict(presets[args.pop("preset")]) if "preset" in args else {}
+    chosen.update(args)
     for key, value in chosen.items():
         if typing.get_origin(_strip_optional(hints[key])) is tuple:
             chosen[key] = tuple(value)

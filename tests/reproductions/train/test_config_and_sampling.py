@@ -45,6 +45,7 @@ def test_defaults_presets_and_command_line_layer_in_order() -> None:
         epochs=7, lr=0.1, amp=False, scale=(0.2, 0.9), kwargs={"depths": [1, 2]}, mode="y", out=Path("/tmp/r")
     )
     assert parse_config(Demo, ["--lr", "none"]).lr is None
+    assert parse_config(Demo, ["--preset", "lr", "--lr", "none"], {"lr": {"lr": 0.5}}).lr is None
     assert to_jsonable(config)["out"] == "/tmp/r" and to_jsonable(config)["scale"] == [0.2, 0.9]
 
 
