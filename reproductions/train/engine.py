@@ -190,14 +190,28 @@ def evaluate_only(model: nn.Module, task: Task, log: RunLog) -> dict[str, float]
 
 
 def resolve_resume(resume: str | None, out_dir: Path, log: RunLog) -> Path | None:
-    """``--resume``: ``None`` starts fresh, ``"auto"`` takes ``out_dir/last.pt`` when it exists, else a path."""
+    """``--resume``: ``None`` starts fresh, ``"auto"`` takes ``out_dir/last.pt`` when it exists, else a path.
+
+    When ``auto`` finds records but no checkpoint (a run that ended before its first save), rank 0 moves the old
+    ``metrics.jsonl`` aside to ``metrics.N.jsonl`` and the run starts fresh."""
     if resume is None:
         return None
-    if resume == "auto":
-        path = out_dir / "last.pt"
-        log.info(f"resume auto: {'resuming from ' + str(path) if path.is_file() else 'no ' + str(path) + ', fresh'}")
-        return path if path.is_file() else None
-    return Path(resume)
+    if resume != "auto":
+        return Path(resume)
+    path = out_dir / "last.pt"
+    if path.is_file():
+        log.info(f"resume auto: resuming from {path}")
+        return path
+    records = out_dir / "metrics.jsonl"
+    if log.enabled and records.exists():
+        aside = next(
+            out_dir / f"metrics.{n}.jsonl" for n in range(1, 10_000) if not (out_dir / f"metrics.{n}.jsonl").exists()
+        )
+        records.rename(aside)
+        log.info(f"resume auto: no {path}; the earlier records moved to {aside}; starting fresh")
+    else:
+        log.info(f"resume auto: no {path}; starting fresh")
+    return None
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
@@ -266,7 +280,7 @@ class Trainer:
                 f"process(es) in batches of {settings.batch_size} make {len(self.loader)}; use batches_per_epoch()"
                 + ("; lower --batch-size or add data" if len(self.loader) == 0 else "")
             )
-        if resume is None and (out_dir / "metrics.jsonl").exists():
+        if ctx.is_main and resume is None and (out_dir / "metrics.jsonl").exists():
             raise FileExistsError(
                 f"{out_dir} already holds a run (metrics.jsonl): continue it with --resume auto, or pass another --out"
             )
@@ -290,14 +304,29 @@ class Trainer:
             (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
+        global_batch = self.settings.batch_size * self.ctx.world_size
+        if state["global_batch"] != global_batch:
+            raise ValueError(
+                f"{path} was trained with a global batch of {state['global_batch']}, this run has {global_batch} "
+                f"({self.ctx.world_size} process(es) × --batch-size {self.settings.batch_size}): its steps would "
+                "mean other epochs and lrs; resume with the same global batch"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # the step count only: the schedule itself is this run's (e.g. a longer --epochs extends it)
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        if state["total_steps"] != self.settings.total_steps:
+            self.log.info(f"the schedule now ends at step {self.settings.total_steps} (was {state['total_steps']})")
+        if self.scaler.is_enabled() and not state["scaler"]:
+            self.log.info(f"{path} was saved without AMP: the grad scaler starts from its initial scale")
+        elif self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError(f"{path} holds no EMA weights but this run has --ema-decay; resume without EMA")
             self.ema.load_state_dict(state["ema"])
+        elif state.get("ema") is not None:
+            self.log.info(f"warning: {path} holds EMA weights, which this run (no --ema-decay) leaves behind")
         self.step, self.best = state["step"], state["best"]
         if state["world_size"] == self.ctx.world_size:
             restore_rng_state(state["rng"][self.ctx.rank])
@@ -318,6 +347,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "step": self.step,
             "epoch": self.step / self.settings.steps_per_epoch,
+            "total_steps": self.settings.total_steps,
+            "global_batch": self.settings.batch_size * self.ctx.world_size,
             "best": self.best,
             "config": self.config,
         }
@@ -386,6 +417,7 @@ class Trainer:
             f"training {s.total_steps} steps ({s.steps_per_epoch} per epoch), {self.ctx.world_size} process(es) × "
             f"batch {s.batch_size} on {self.ctx.device}, from step {self.step}"
         )
+        self.log.record({"split": "start", "step": self.step, "world_size": self.ctx.world_size})
         progress = Progress(s.total_steps, self.step, self.log)
         window: dict[str, Tensor] = {}
         window_steps, window_start = 0, time.monotonic()
@@ -396,8 +428,10 @@ class Trainer:
             return self.evaluate()
         for batch in self._batches():
             parts = self._train_step(_to_device(batch, self.ctx.device, s.channels_last))
+            finite = torch.isfinite(parts["loss"])
+            window["finite_steps"] = window.get("finite_steps", 0) + finite.float()
             for name, value in parts.items():
-                window[name] = window.get(name, 0.0) + value.float()
+                window[name] = window.get(name, 0.0) + torch.where(finite, value.float(), 0.0)
             window_steps += 1
             done = self.step == s.total_steps
             stop = s.stop_after is not None and self.step >= s.stop_after
@@ -419,20 +453,24 @@ class Trainer:
         raise AssertionError("unreachable: the batch stream is endless")
 
     def _reduce_window(self, window: dict[str, Tensor], steps: int, start: float) -> dict[str, float]:
+        """Mean losses of the finite steps of the log window over all ranks. Steps with a non-finite loss (an fp16
+        overflow the grad scaler skips) are counted; a window without a finite step stops the run."""
         names = sorted(window)
-        totals = all_reduce_sum(torch.stack([window[name] for name in names]) / (steps * self.ctx.world_size))
-        values = dict(zip(names, totals.tolist(), strict=True))
-        if not all(math.isfinite(v) for v in values.values()):
+        totals = dict(zip(names, all_reduce_sum(torch.stack([window[name] for name in names])).tolist(), strict=True))
+        finite = totals.pop("finite_steps")
+        skipped = steps * self.ctx.world_size - finite
+        if finite == 0:
             raise FloatingPointError(
-                f"non-finite training loss at step {self.step}: {values}; lower the lr, enable --clip-grad or check "
-                "the data"
+                f"non-finite training loss in every step up to step {self.step}: lower the lr, enable --clip-grad "
+                "or check the data"
             )
         seconds = max(time.monotonic() - start, 1e-9)
         images = steps * self.settings.batch_size * self.ctx.world_size
         return {
             "step": self.step,
             "lr": self.optimizer.param_groups[0]["lr"],
-            **values,
+            **{name: total / finite for name, total in totals.items()},
+            **({"nonfinite_steps": int(skipped)} if skipped else {}),
             "samples_per_s": round(images / seconds, 1),
         }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,8 @@ class Noisy(Dataset):
 class Task:
     key_metric = "acc"
 
-    def __init__(self, data: Noisy, fail_at: int | None = None) -> None:
-        self.data, self.fail_at, self.calls = data, fail_at, 0
+    def __init__(self, data: Noisy, fail_at: int | None = None, nan_value_at: int | None = None) -> None:
+        self.data, self.fail_at, self.nan_value_at, self.calls = data, fail_at, nan_value_at, 0
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.calls += 1
@@ -46,24 +47,28 @@ class Task:
         loss = F.cross_entropy(model(x), y)
         if self.fail_at is not None and self.calls >= self.fail_at:
             loss = loss * float("nan")
+        if self.calls == self.nan_value_at:  # a NaN value whose gradients stay finite
+            loss = loss + torch.tensor(float("nan"))
         return loss, {"twice": 2 * loss}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {"acc": 100.0 * float((model(self.data.x).argmax(1) == self.data.y).float().mean())}
 
 
-def _trainer(out: Path, resume: Path | None = None, ema: float = 0.0, task: Task | None = None, **kw) -> Trainer:
+def _trainer(
+    out: Path, resume: Path | None = None, ema: float = 0.0, task: Task | None = None, total: int = 10, **kw
+) -> Trainer:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.GELU(), nn.Linear(16, 2))
     optimizer = torch.optim.AdamW(no_decay_groups(model, 0.05), lr=1e-2)
     settings = TrainSettings(
-        total_steps=10, steps_per_epoch=4, batch_size=6, eval_every=4, log_every=2, workers=0, ema_decay=ema, **kw
+        total_steps=total, steps_per_epoch=4, batch_size=6, eval_every=4, log_every=2, workers=0, ema_decay=ema, **kw
     )
     data = Noisy()
     return Trainer(
         model,
         optimizer,
-        WarmupCosine(10, 2, 0.1, 0.01),
+        WarmupCosine(total, 2, 0.1, 0.01),
         data,
         task or Task(data),
         settings,
@@ -130,7 +135,7 @@ def test_lr_follows_the_schedule(tmp_path: Path) -> None:
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, task=Task(Noisy(), fail_at=3))
-    with pytest.raises(FloatingPointError, match="non-finite training loss at step 4"):
+    with pytest.raises(FloatingPointError, match="non-finite training loss in every step up to step 4"):
         trainer.fit()
 
 
@@ -169,3 +174,41 @@ def test_resume_auto_finds_the_last_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "last.pt").write_bytes(b"")
     assert resolve_resume("auto", tmp_path, log) == tmp_path / "last.pt"
     assert resolve_resume("x/y.pt", tmp_path, log) == Path("x/y.pt")
+
+
+def test_a_single_non_finite_step_is_counted_not_fatal(tmp_path: Path) -> None:
+    _trainer(tmp_path, task=Task(Noisy(), nan_value_at=3)).fit()
+    train = [r for r in _records(tmp_path) if r["split"] == "train"]
+    assert [r.get("nonfinite_steps", 0) for r in train] == [0, 1, 0, 0, 0]
+    assert all(math.isfinite(r["loss"]) for r in train)
+
+
+def test_resume_extends_the_schedule_and_refuses_another_global_batch(tmp_path: Path) -> None:
+    _trainer(tmp_path, stop_after=4).fit()
+    longer = _trainer(tmp_path, resume=tmp_path / "last.pt", total=20)
+    longer.fit()
+    lrs = {r["step"]: r["lr"] for r in _records(tmp_path) if r["split"] == "train"}
+    assert lrs[12] == pytest.approx(1e-2 * WarmupCosine(20, 2, 0.1, 0.01)(12))
+    assert "the schedule now ends at step 20 (was 10)" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(ValueError, match="global batch of 6, this run has 12"):
+        Trainer(
+            nn.Linear(6, 2),
+            torch.optim.SGD(nn.Linear(6, 2).parameters(), lr=0.1),
+            lambda step: 1.0,
+            Noisy(),
+            Task(Noisy()),
+            TrainSettings(total_steps=4, steps_per_epoch=2, batch_size=12, eval_every=4, workers=0),
+            CTX,
+            tmp_path,
+            {},
+            RunLog(tmp_path, CTX),
+            resume=tmp_path / "last.pt",
+        )
+
+
+def test_resume_auto_without_a_checkpoint_moves_old_records_aside(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "time": 1.0}\n')
+    log = RunLog(tmp_path, CTX)
+    assert resolve_resume("auto", tmp_path, log) is None
+    assert (tmp_path / "metrics.1.jsonl").exists() and not (tmp_path / "metrics.jsonl").exists()
+    _trainer(tmp_path).fit()
