@@ -84,9 +84,11 @@ def _check_steps(total_steps: int, warmup_steps: int) -> None:
 
 @dataclass
 class WarmupCosine:
-    """lr factor at optimizer step ``t``: linear from ``warmup_factor`` to 1 over ``warmup_steps``, then cosine
-    from 1 to ``min_factor`` at ``total_steps``. (§6.1 with lr 1e-3: warmup_factor = 1e-6/1e-3, min_factor =
-    1e-5/1e-3.) timm steps this schedule once per epoch; here it moves every step."""
+    """lr factor at optimizer step ``t``: linear from ``warmup_factor`` to 1 over ``warmup_steps``, then the
+    cosine ``min + (1 − min)·(1 + cos(π t / total_steps)) / 2`` that reaches ``min_factor`` at ``total_steps``.
+    As in timm's cosine scheduler (``warmup_prefix=False``) the cosine is a function of ``t / total_steps`` and the
+    warmup only replaces its first steps. (§6.1 with lr 1e-3: warmup_factor = 1e-6/1e-3, min_factor = 1e-5/1e-3.)
+    timm steps this schedule once per epoch; here it moves every step."""
 
     total_steps: int
     warmup_steps: int
@@ -99,7 +101,7 @@ class WarmupCosine:
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.warmup_factor + (1.0 - self.warmup_factor) * step / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        progress = min(1.0, step / self.total_steps)
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

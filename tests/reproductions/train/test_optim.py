@@ -77,8 +77,9 @@ def test_warmup_cosine_matches_its_definition() -> None:
     schedule = WarmupCosine(total_steps=1000, warmup_steps=100, warmup_factor=1e-3, min_factor=1e-2)
     assert schedule(0) == pytest.approx(1e-3)
     assert schedule(50) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
-    assert schedule(100) == pytest.approx(1.0)
-    assert schedule(550) == pytest.approx(1e-2 + (1 - 1e-2) * 0.5)
+    # timm's warmup_prefix=False: the cosine runs over t / total, the warmup replaces its first steps
+    assert schedule(100) == pytest.approx(1e-2 + (1 - 1e-2) * 0.5 * (1 + math.cos(math.pi * 0.1)))
+    assert schedule(500) == pytest.approx(1e-2 + (1 - 1e-2) * 0.5)
     assert schedule(1000) == pytest.approx(1e-2)
 
 
@@ -109,7 +110,7 @@ def test_schedules_stay_in_range_and_decay_after_warmup(
         assert all(low - 1e-12 <= v <= 1.0 + 1e-12 for v in values)
         after = [schedule(t) for t in range(warmup, total + 1, max(1, total // 89))]
         assert all(a >= b - 1e-12 for a, b in itertools.pairwise(after))
-        assert math.isclose(schedule(warmup), 1.0)
+        assert schedule(warmup) <= 1.0
 
 
 @pytest.mark.parametrize("cls", [WarmupCosine, WarmupPoly])
