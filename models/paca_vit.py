@@ -45,7 +45,7 @@ from models.loading import load_official_state_dict
 from models.teacher import ConvMixerFPNTeacher
 from tocalib import ToCaAttention
 
-__all__ = ["Downsample", "DropPath", "LayerNorm2d", "Mlp", "PaCaBlock", "PaCaViT"]
+__all__ = ["Downsample", "DropPath", "LayerNorm2d", "Mlp", "PaCaBlock", "PaCaViT", "model_config"]
 
 NUM_STAGES = 4
 
@@ -384,6 +384,16 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     "pacavit_small_p2cconv_100": dict(_SMALL, num_clusters=100),
     "pacavit_small_p2cconv_100_blockwise": dict(_SMALL, num_clusters=100, recompute_every=1),
 }
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """A copy of the :class:`PaCaViT` arguments of the registered PaCa-ViT ``name`` (``num_clusters`` per stage
+    normalised to a 4-tuple)."""
+    if name not in _CONFIGS:
+        raise KeyError(f"{name!r} is not a PaCa-ViT model; known: {sorted(_CONFIGS)}")
+    config = dict(_CONFIGS[name])
+    config["num_clusters"] = _per_stage(config.get("num_clusters", (100, 100, 100, 0)), "num_clusters")
+    return config
 
 
 def _create(name: str, pretrained: str | os.PathLike[str] | bool | None, overrides: dict[str, Any]) -> PaCaViT:

@@ -20,13 +20,14 @@ pipeline's ``best.pt``/``last.pt``).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -176,9 +177,33 @@ class ClassificationTask:
         return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss / count}
 
 
-def build_datasets(config: ClassificationConfig) -> tuple[Dataset, Dataset, int]:
-    """(train set, validation set, number of classes) with the recipe's transforms."""
-    train_transform = classification_train_transform(
+def build_datasets(config: ClassificationConfig) -> tuple[Dataset | None, Dataset, int]:
+    """(train set, validation set, number of classes) with the recipe's transforms; with ``--eval-only`` the train
+    set is None and only the validation data is read."""
+    eval_transform = classification_eval_transform(
+        size=config.img_size, crop_pct=config.crop_pct, mean=config.mean, std=config.std
+    )
+    if config.dataset == "fashion_mnist":
+        root = config.data or FASHION_MNIST_ROOT
+        val = FashionMNIST(root, "test", transform=eval_transform)
+        train = None if config.eval_only else FashionMNIST(root, "train", transform=_train_transform(config))
+        return train, val, len(FashionMNIST.CLASSES)
+    if config.data is None:
+        raise ValueError("--data is required for --dataset imagefolder: a folder with train/ and val/ class folders")
+    val = ImageFolder(config.data / "val", transform=eval_transform)
+    if config.eval_only:
+        return None, val, len(val.classes)
+    train = ImageFolder(config.data / "train", transform=_train_transform(config))
+    if train.classes != val.classes:
+        raise ValueError(
+            f"{config.data}/train and {config.data}/val must hold the same class folders; they differ in "
+            f"{sorted(set(train.classes) ^ set(val.classes))[:10]}"
+        )
+    return train, val, len(train.classes)
+
+
+def _train_transform(config: ClassificationConfig) -> Callable[[Image.Image], Tensor]:
+    return classification_train_transform(
         size=config.img_size,
         scale=config.scale,
         hflip=config.hflip,
@@ -189,23 +214,6 @@ def build_datasets(config: ClassificationConfig) -> tuple[Dataset, Dataset, int]
         re_mode=config.remode,
         re_count=config.recount,
     )
-    eval_transform = classification_eval_transform(
-        size=config.img_size, crop_pct=config.crop_pct, mean=config.mean, std=config.std
-    )
-    if config.dataset == "fashion_mnist":
-        root = config.data or FASHION_MNIST_ROOT
-        train = FashionMNIST(root, "train", transform=train_transform)
-        return train, FashionMNIST(root, "test", transform=eval_transform), len(FashionMNIST.CLASSES)
-    if config.data is None:
-        raise ValueError("--data is required for --dataset imagefolder: a folder with train/ and val/ class folders")
-    train = ImageFolder(config.data / "train", transform=train_transform)
-    val = ImageFolder(config.data / "val", transform=eval_transform)
-    if train.classes != val.classes:
-        raise ValueError(
-            f"{config.data}/train and {config.data}/val must hold the same class folders; they differ in "
-            f"{sorted(set(train.classes) ^ set(val.classes))[:10]}"
-        )
-    return train, val, len(train.classes)
 
 
 def build_model(config: ClassificationConfig, num_classes: int, log: RunLog) -> nn.Module:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models import create_model, load_official_state_dict
 from models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
+from models.paca_vit import model_config
 from reproductions.eval import ade20k
 from reproductions.eval.common import rescaled_size, to_input
 from reproductions.train.config import SMALL_PACA, RunConfig, parse_config
@@ -43,7 +44,15 @@ from reproductions.train.metrics import IoUAccumulator
 from reproductions.train.optim import WarmupPoly, custom_key_groups
 from reproductions.train.seg_data import TEXTURE_CLASSES, ADE20kTrain, TextureSegmentation
 
-__all__ = ["PAPER_CUSTOM_KEYS", "PRESETS", "ADE20kVal", "SegmentationConfig", "SegmentationTask", "main"]
+__all__ = [
+    "PAPER_CUSTOM_KEYS",
+    "PRESETS",
+    "ADE20kVal",
+    "SegmentationConfig",
+    "SegmentationTask",
+    "main",
+    "paper_backbone_settings",
+]
 
 PAPER_CUSTOM_KEYS: dict[str, dict[str, dict[str, float]]] = {
     "paca": {"norm": {"decay_mult": 0.0}, "clustering.4": {"lr_mult": 10.0}, "head": {"lr_mult": 10.0}},
@@ -57,13 +66,15 @@ class SegmentationConfig(RunConfig):
     """Train (or evaluate) a PaCa-head or UperNet segmentor with the paper's ADE20k recipe under torchrun.
 
     Defaults are reference §6.3. ``custom_keys=None`` takes the head's released ``custom_keys``
-    (:data:`PAPER_CUSTOM_KEYS`); ``head_channels=None`` the head's width (256 PaCa, 512 UperNet).
+    (:data:`PAPER_CUSTOM_KEYS`); ``head_channels=None`` the head's width (256 PaCa, 512 UperNet);
+    ``downstream_clusters=None`` and ``drop_path=None`` the released values for the backbone
+    (:func:`paper_backbone_settings`).
     """
 
     head: Literal["paca", "upernet"] = "paca"
     backbone: str = "pacavit_small_p2cconv_100_0"
     backbone_kwargs: dict = field(default_factory=dict)
-    downstream_clusters: tuple[int, ...] = (200, 200, 200, 0)
+    downstream_clusters: tuple[int, ...] | None = None
     head_channels: int | None = None
     pretrained: Path | None = None
     checkpoint: Path | None = None
@@ -82,7 +93,7 @@ class SegmentationConfig(RunConfig):
     weight_decay: float = 0.01
     betas: tuple[float, ...] = (0.9, 0.999)
     custom_keys: dict | None = None
-    drop_path: float = 0.1
+    drop_path: float | None = None
     batch_size: int = 2
     workers: int = 4
     out: Path = Path("runs/segmentation")
@@ -156,29 +167,48 @@ class SegmentationTask:
         return {"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]}
 
 
-def build_datasets(config: SegmentationConfig) -> tuple[Dataset, Dataset, int]:
-    """(train set, validation set, number of classes)."""
+def build_datasets(config: SegmentationConfig) -> tuple[Dataset | None, Dataset, int]:
+    """(train set, validation set, number of classes); with ``--eval-only`` the train set is None and only the
+    validation data is read."""
     if config.dataset == "textures":
-        train = TextureSegmentation("train", size=config.crop, length=config.texture_train_samples, seed=config.seed)
         val = TextureSegmentation("val", size=config.crop, length=config.texture_val_samples, seed=config.seed)
+        train = (
+            None
+            if config.eval_only
+            else TextureSegmentation("train", size=config.crop, length=config.texture_train_samples, seed=config.seed)
+        )
         return train, val, len(TEXTURE_CLASSES)
     if config.data is None:
         raise ValueError("--data is required for --dataset ade20k: the ADEChallengeData2016 folder")
     scale = tuple(config.scale)
-    train = ADE20kTrain(config.data, "training", crop=config.crop, scale=scale)
-    return train, ADE20kVal(config.data, scale), ade20k.NUM_CLASSES
+    val = ADE20kVal(config.data, scale)
+    train = None if config.eval_only else ADE20kTrain(config.data, "training", crop=config.crop, scale=scale)
+    return train, val, ade20k.NUM_CLASSES
+
+
+def paper_backbone_settings(backbone: str, head: str) -> tuple[tuple[int, ...], float]:
+    """The released ADE20k configs' ``downstream_cluster_num`` and drop path for a PaCa-ViT backbone (§6.3): 200
+    clusters in every stage where the ImageNet model has clusters (so [200]*4 for the teachers and the 49_100,
+    100_49, 100 and blockwise ablations, [200, 200, 200, 0] otherwise); drop path 0.1, or 0.5 for the PaCa head on
+    the Base models."""
+    clusters = tuple(200 if m else 0 for m in model_config(backbone)["num_clusters"])
+    return clusters, 0.5 if head == "paca" and "_base_" in backbone else 0.1
 
 
 def build_segmentor(config: SegmentationConfig, num_classes: int, log: RunLog) -> EncoderDecoder:
     """Backbone (features only, downstream clusters, ImageNet weights from ``--pretrained``) + the chosen head;
     ``--checkpoint`` then loads a whole segmentor."""
+    clusters, drop_path = paper_backbone_settings(config.backbone, config.head)
+    clusters = clusters if config.downstream_clusters is None else config.downstream_clusters
+    drop_path = drop_path if config.drop_path is None else config.drop_path
+    log.info(f"backbone {config.backbone}: clusters per stage {tuple(clusters)}, drop path {drop_path}")
     backbone = create_model(
         config.backbone,
         **config.backbone_kwargs,
         num_classes=0,
         features_only=True,
-        num_clusters=config.downstream_clusters,
-        drop_path_rate=config.drop_path,
+        num_clusters=clusters,
+        drop_path_rate=drop_path,
     )
     if config.pretrained is not None:
         report = load_official_state_dict(backbone, config.pretrained, skip_mismatched_clusters=True)

@@ -4,6 +4,7 @@ the saved weights, and the errors for bad data."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_classification_trains_then_evaluates_its_best_weights(tmp_path: Path) -
     (last_val,) = _records(out, "val")
     assert results["val/top1"] == last_val["top1"] and 0.0 <= last_val["top1"] <= 100.0
     assert last_val["top5"] == 100.0  # 3 classes: the true class is always among the top 5
+    shutil.rmtree(data / "train")  # evaluation reads the validation data only
     weights = ["--pretrained", str(out / "best.pt"), "--eval-only"]
     evaluated = classification.main(["--data", str(data), "--out", str(tmp_path / "eval"), *weights, *CLS_ARGS])
     assert evaluated == {k: pytest.approx(v) for k, v in last_val.items() if k in ("top1", "top5", "loss")}
@@ -119,3 +121,15 @@ def test_segmentation_reads_the_ade20k_layout(tmp_path: Path) -> None:
     (data / "annotations" / "validation" / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1\.png"):
         segmentation.main([*args, "--out", str(tmp_path / "again"), *SEG_ARGS])
+
+
+def test_segmentation_backbone_settings_follow_the_released_configs() -> None:
+    assert segmentation.paper_backbone_settings("pacavit_small_p2cconv_100_0", "paca") == ((200, 200, 200, 0), 0.1)
+    assert segmentation.paper_backbone_settings("pacavit_convmixer_small_100", "paca") == ((200,) * 4, 0.1)
+    assert segmentation.paper_backbone_settings("pacavit_small_p2cconv_49_100", "paca") == ((200,) * 4, 0.1)
+    assert segmentation.paper_backbone_settings("pacavit_small_p2cconv_100_blockwise", "paca")[0] == (200,) * 4
+    assert segmentation.paper_backbone_settings("pacavit_base_p2cconv_100_0", "paca") == ((200, 200, 200, 0), 0.5)
+    assert segmentation.paper_backbone_settings("pacavit_convmixer_base_100", "paca") == ((200,) * 4, 0.5)
+    assert segmentation.paper_backbone_settings("pacavit_base_p2cconv_100_0", "upernet")[1] == 0.1
+    with pytest.raises(KeyError, match="not a PaCa-ViT model"):
+        segmentation.paper_backbone_settings("swin_tiny", "paca")
