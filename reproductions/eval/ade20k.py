@@ -65,7 +65,7 @@ def read_pair(image_path: Path, annotation_path: Path) -> tuple[np.ndarray, np.n
             arrays.append(read(path))
         except FileNotFoundError:
             raise
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:
             raise OSError(f"cannot decode {path} ({error}); the file is corrupt: re-extract or remove it") from error
     image, labels = arrays
     if labels.shape != image.shape[:2]:

@@ -59,7 +59,7 @@ def load_image(path: Path, mode: str = "RGB") -> Image.Image:
             return image.convert(mode)
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError) as error:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptImageError(f"cannot decode image {path} ({error}); replace or remove the file") from error
 
 

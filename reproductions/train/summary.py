@@ -24,31 +24,40 @@ def _records(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _wall_clock(records: list[dict[str, Any]]) -> float:
-    """Seconds of training: each resumed segment restarts its clock, so sum the segments' last times."""
-    total, previous = 0.0, 0.0
+def _segments(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The records of each process start (a ``start`` record opens a segment: the first run, then each resume).
+    A segment's records past the step the next one resumed from (written after its last checkpoint, then
+    repeated) are dropped."""
+    opened_at: list[int | None] = []
+    segments: list[list[dict[str, Any]]] = []
     for record in records:
-        if record["time"] < previous:
-            total += previous
-        previous = record["time"]
-    return total + previous
+        if record["split"] == "start" or not segments:
+            opened_at.append(record["step"] if record["split"] == "start" else None)
+            segments.append([])
+        if record["split"] != "start":
+            segments[-1].append(record)
+    ends = [*opened_at[1:], None]
+    return [[r for r in seg if end is None or r["step"] <= end] for seg, end in zip(segments, ends, strict=True)]
 
 
 def summarise(run: Path) -> dict[str, Any]:
-    """Final and best validation metrics, steps and wall-clock seconds of the run in ``run``."""
-    records = _records(run)
+    """Final and best validation metrics (best over the EMA weights too), steps and wall-clock seconds of the run
+    in ``run`` (each segment's clock restarts, so their last times are summed)."""
+    segments = [seg for seg in _segments(_records(run)) if seg]
+    records = [r for seg in segments for r in seg]
     evaluations = [r for r in records if r["split"] == "val"]
     if not evaluations:
         raise ValueError(f"{run}/metrics.jsonl has no evaluation record yet")
     config = json.loads((run / "config.json").read_text())
     final = evaluations[-1]
     metrics = [k for k in final if k not in ("split", "step", "epoch", "time")]
-    best = {k: (min if "loss" in k else max)(r[k] for r in evaluations) for k in metrics}
+    candidates = [r for r in records if r["split"] in ("val", "val_ema")]
+    best = {k: (min if "loss" in k else max)(r[k] for r in candidates) for k in metrics}
     return {
         "run": str(run),
         "steps": final["step"],
         "epochs": final.get("epoch"),
-        "wall_clock_s": round(_wall_clock(records), 1),
+        "wall_clock_s": round(sum(seg[-1]["time"] for seg in segments), 1),
         "final": {k: final[k] for k in metrics},
         "best": best,
         "config": config,

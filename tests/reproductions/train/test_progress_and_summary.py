@@ -55,18 +55,22 @@ def test_summary_sums_resumed_segments_and_picks_the_best(tmp_path: Path) -> Non
     _write_run(
         tmp_path / "run",
         [
+            {"split": "start", "step": 0, "time": 0.0},
             {"split": "train", "step": 1, "time": 10.0, "loss": 2.0},
             {"split": "val", "step": 2, "epoch": 1.0, "top1": 70.0, "loss": 0.9, "time": 30.0},
+            {"split": "val", "step": 3, "epoch": 1.5, "top1": 99.0, "loss": 0.1, "time": 45.0},  # lost in a crash
+            {"split": "start", "step": 2, "time": 0.0},
             {"split": "train", "step": 3, "time": 5.0, "loss": 1.0},
             {"split": "val", "step": 4, "epoch": 2.0, "top1": 65.0, "loss": 0.8, "time": 20.0},
+            {"split": "val_ema", "step": 4, "epoch": 2.0, "top1": 72.0, "loss": 0.85, "time": 20.5},
         ],
     )
     summary = summarise(tmp_path / "run")
-    assert summary["wall_clock_s"] == 50.0 and summary["steps"] == 4
-    assert summary["final"] == {"top1": 65.0, "loss": 0.8} and summary["best"] == {"top1": 70.0, "loss": 0.8}
+    assert summary["wall_clock_s"] == 50.5 and summary["steps"] == 4
+    assert summary["final"] == {"top1": 65.0, "loss": 0.8} and summary["best"] == {"top1": 72.0, "loss": 0.8}
     main([str(tmp_path / "run"), "--out", str(tmp_path / "summary.md")])
     assert (
-        "| 4 | 2.0 | 0.8 min | top1 65.00, loss 0.80 | top1 70.00, loss 0.80 |" in (tmp_path / "summary.md").read_text()
+        "| 4 | 2.0 | 0.8 min | top1 65.00, loss 0.80 | top1 72.00, loss 0.80 |" in (tmp_path / "summary.md").read_text()
     )
     assert json.loads((tmp_path / "summary.json").read_text())[0]["config"] == {"epochs": 2}
 
