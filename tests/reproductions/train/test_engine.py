@@ -80,6 +80,19 @@ def _trainer(
     )
 
 
+def _linear_trainer(out: Path, steps_per_epoch: int, batch_size: int, resume: Path | None = None) -> Trainer:
+    """A bare trainer for the checks that happen before any step."""
+    model = nn.Linear(6, 2)
+    settings = TrainSettings(
+        total_steps=4, steps_per_epoch=steps_per_epoch, batch_size=batch_size, eval_every=4, workers=0
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = Noisy()
+    return Trainer(
+        model, optimizer, lambda step: 1.0, data, Task(data), settings, CTX, out, {}, RunLog(out, CTX), resume
+    )
+
+
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -141,18 +154,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
 
 def test_bad_settings_and_checkpoints_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="steps_per_epoch=4 but 24 samples"):
-        Trainer(
-            nn.Linear(6, 2),
-            torch.optim.SGD(nn.Linear(6, 2).parameters(), lr=0.1),
-            lambda step: 1.0,
-            Noisy(),
-            Task(Noisy()),
-            TrainSettings(total_steps=4, steps_per_epoch=4, batch_size=7, eval_every=4, workers=0),
-            CTX,
-            tmp_path,
-            {},
-            RunLog(tmp_path, CTX),
-        )
+        _linear_trainer(tmp_path, steps_per_epoch=4, batch_size=7)
     with pytest.raises(ValueError, match="ema_decay"):
         TrainSettings(total_steps=1, steps_per_epoch=1, batch_size=1, eval_every=1, ema_decay=1.0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -191,19 +193,7 @@ def test_resume_extends_the_schedule_and_refuses_another_global_batch(tmp_path: 
     assert lrs[12] == pytest.approx(1e-2 * WarmupCosine(20, 2, 0.1, 0.01)(12))
     assert "the schedule now ends at step 20 (was 10)" in (tmp_path / "log.txt").read_text()
     with pytest.raises(ValueError, match="global batch of 6, this run has 12"):
-        Trainer(
-            nn.Linear(6, 2),
-            torch.optim.SGD(nn.Linear(6, 2).parameters(), lr=0.1),
-            lambda step: 1.0,
-            Noisy(),
-            Task(Noisy()),
-            TrainSettings(total_steps=4, steps_per_epoch=2, batch_size=12, eval_every=4, workers=0),
-            CTX,
-            tmp_path,
-            {},
-            RunLog(tmp_path, CTX),
-            resume=tmp_path / "last.pt",
-        )
+        _linear_trainer(tmp_path, steps_per_epoch=2, batch_size=12, resume=tmp_path / "last.pt")
 
 
 def test_resume_auto_without_a_checkpoint_moves_old_records_aside(tmp_path: Path) -> None:
