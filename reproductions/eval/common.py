@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["MMCV_MEAN", "MMCV_STD", "load_rgb", "rescaled_size", "to_input"]
+__all__ = ["MMCV_MEAN", "MMCV_STD", "load_rgb", "normalize", "rescaled_size", "to_input"]
 
 MMCV_MEAN = (123.675, 116.28, 103.53)
 MMCV_STD = (58.395, 57.12, 57.375)
@@ -40,6 +40,11 @@ def to_input(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    mean = torch.tensor(MMCV_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(MMCV_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x)
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """(…, 3, H, W) RGB on the 0–255 scale → float32 normalised with the mmdet/mmseg mean and std."""
+    mean = torch.tensor(MMCV_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(MMCV_STD, dtype=torch.float32).view(3, 1, 1)
+    return (image.float() - mean) / std

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from reproductions.eval.ade20k import IGNORE, list_pairs, read_pair
-from reproductions.eval.common import MMCV_MEAN, MMCV_STD, rescaled_size
+from reproductions.eval.common import normalize, rescaled_size
 
 __all__ = [
     "TEXTURE_CLASSES",
@@ -50,7 +50,6 @@ __all__ = [
     "ADE20kTrain",
     "TextureLayout",
     "TextureSegmentation",
-    "normalize",
     "pad_to",
     "photo_metric_distortion",
     "random_crop",
@@ -181,13 +180,6 @@ def photo_metric_distortion(
     if not contrast_first and _coin():
         image = (image * _uniform(*contrast_range)).clamp(0, 255).floor()
     return image
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) RGB on the 0–255 scale → (3, H, W) float32 normalised with mmseg's mean/std."""
-    mean = torch.tensor(MMCV_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(MMCV_STD, dtype=torch.float32).view(3, 1, 1)
-    return (image.float() - mean) / std
 
 
 def pad_to(
