@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from models.heads import EncoderDecoder
 from reproductions.eval.common import load_rgb, rescaled_size, to_input
 from reproductions.train.metrics import IoUAccumulator
 
-__all__ = ["NUM_CLASSES", "evaluate", "list_pairs", "load_labels", "read_pair"]
+__all__ = ["NUM_CLASSES", "ADE20kVal", "evaluate", "list_pairs", "load_labels", "read_pair"]
 
 NUM_CLASSES = 150
 IGNORE = 255
@@ -76,6 +78,22 @@ def read_pair(image_path: Path, annotation_path: Path) -> tuple[np.ndarray, np.n
     return image, labels
 
 
+class ADE20kVal(Dataset):
+    """ADE20k validation pairs for whole-image evaluation: ``(image (3, H', W') resized keeping the aspect ratio
+    into ``scale``, labels (H, W) int64 at the annotation's size, 255 = ignore)``."""
+
+    def __init__(self, root: Path, scale: tuple[int, int] = (2048, 512)) -> None:
+        self.pairs = list_pairs(root)
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, labels = read_pair(*self.pairs[index])
+        return to_input(image, rescaled_size(*image.shape[:2], self.scale))[0], torch.from_numpy(labels)
+
+
 @torch.no_grad()
 def evaluate(
     segmentor: EncoderDecoder,
@@ -84,14 +102,13 @@ def evaluate(
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """mIoU and pixel accuracy (aAcc), in %, of ``segmentor`` on the validation split under ``root``."""
-    pairs = list_pairs(root)
+    dataset = ADE20kVal(root, scale)
     segmentor.eval()
     accumulator = IoUAccumulator(NUM_CLASSES, ignore_index=IGNORE)
-    for i, (image_path, label_path) in enumerate(pairs):
-        image, labels = read_pair(image_path, label_path)
-        x = to_input(image, rescaled_size(*image.shape[:2], scale))
-        accumulator.update(segmentor.predict(x, size=labels.shape)[0], labels)
+    for i in range(len(dataset)):
+        x, labels = dataset[i]
+        accumulator.update(segmentor.predict(x[None], size=labels.shape)[0], labels)
         if i % 100 == 0:
-            log(f"      ade20k: {i + 1}/{len(pairs)} images")
+            log(f"      ade20k: {i + 1}/{len(dataset)} images")
     metrics = accumulator.compute()
     return {"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]}

@@ -36,7 +36,6 @@ from models import create_model, load_official_state_dict
 from models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 from models.paca_vit import model_config
 from reproductions.eval import ade20k
-from reproductions.eval.common import rescaled_size, to_input
 from reproductions.train.config import SMALL_PACA, RunConfig, parse_config
 from reproductions.train.distributed import DistContext, ShardSampler
 from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
@@ -47,7 +46,6 @@ from reproductions.train.seg_data import TEXTURE_CLASSES, ADE20kTrain, TextureSe
 __all__ = [
     "PAPER_CUSTOM_KEYS",
     "PRESETS",
-    "ADE20kVal",
     "SegmentationConfig",
     "SegmentationTask",
     "main",
@@ -124,22 +122,6 @@ PRESETS: dict[str, dict] = {
 """Named settings: ``ade20k`` is the paper's recipe (the defaults); ``textures`` the CPU smoke run."""
 
 
-class ADE20kVal(Dataset):
-    """ADE20k validation pairs for whole-image evaluation: ``(image (3, H', W') resized keeping the aspect ratio
-    into ``scale``, labels (H, W) int64 at the annotation's size, 255 = ignore)``."""
-
-    def __init__(self, root: Path, scale: tuple[int, int] = (2048, 512)) -> None:
-        self.pairs = ade20k.list_pairs(root)
-        self.scale = scale
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image, labels = ade20k.read_pair(*self.pairs[index])
-        return to_input(image, rescaled_size(*image.shape[:2], self.scale))[0], torch.from_numpy(labels)
-
-
 class SegmentationTask:
     """The segmentor's named losses summed (decode 1.0 + cluster or auxiliary 0.4), and mIoU evaluation sharded
     over the ranks (one image per forward, logits resized to the label map)."""
@@ -181,7 +163,7 @@ def build_datasets(config: SegmentationConfig) -> tuple[Dataset | None, Dataset,
     if config.data is None:
         raise ValueError("--data is required for --dataset ade20k: the ADEChallengeData2016 folder")
     scale = tuple(config.scale)
-    val = ADE20kVal(config.data, scale)
+    val = ade20k.ADE20kVal(config.data, scale)
     train = None if config.eval_only else ADE20kTrain(config.data, "training", crop=config.crop, scale=scale)
     return train, val, ade20k.NUM_CLASSES
 
