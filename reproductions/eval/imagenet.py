@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from reproductions.train.data import ImageFolder, load_image
+from reproductions.train.metrics import topk_correct
 from reproductions.train.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_eval_transform
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "evaluate", "preprocess"]
@@ -39,16 +41,12 @@ def evaluate(
     dataset = ImageFolder(root, classification_eval_transform(crop, crop_pct))
     model.eval()
     correct1 = correct5 = 0
-    for i, start in enumerate(range(0, len(dataset), batch_size)):
-        items = [dataset[k] for k in range(start, min(start + batch_size, len(dataset)))]
-        images = torch.stack([image for image, _ in items])
-        labels = torch.tensor([label for _, label in items])
+    for i, (images, labels) in enumerate(DataLoader(dataset, batch_size=batch_size)):
         logits = model(images)
         if labels.max() >= logits.shape[1]:
             raise ValueError(f"{root} has more class folders than the model's {logits.shape[1]} outputs")
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top5[:, 0] == labels).sum())
-        correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
+        batch1, batch5 = topk_correct(logits, labels)
+        correct1, correct5 = correct1 + int(batch1), correct5 + int(batch5)
         if i % 50 == 0:
             log(f"      imagenet: {min((i + 1) * batch_size, len(dataset))}/{len(dataset)} images")
     return {"top1": 100.0 * correct1 / len(dataset), "top5": 100.0 * correct5 / len(dataset)}

@@ -37,6 +37,7 @@ from reproductions.train.config import SMALL_PACA, RunConfig, parse_config
 from reproductions.train.data import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
 from reproductions.train.distributed import DistContext, ShardSampler, all_reduce_sum, batches_per_epoch
 from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
+from reproductions.train.metrics import topk_correct
 from reproductions.train.optim import WarmupCosine, no_decay_groups, scaled_lr
 from reproductions.train.transforms import Mixup, classification_eval_transform, classification_train_transform
 
@@ -168,9 +169,9 @@ class ClassificationTask:
         for images, labels in loader:
             images, labels = images.to(self.ctx.device), labels.to(self.ctx.device)
             logits = model(images).float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            totals[0] += (top5[:, 0] == labels).sum()
-            totals[1] += (top5 == labels[:, None]).any(dim=1).sum()
+            correct1, correct5 = topk_correct(logits, labels)
+            totals[0] += correct1
+            totals[1] += correct5
             totals[2] += F.cross_entropy(logits, labels, reduction="sum")
             totals[3] += labels.numel()
         correct1, correct5, loss, count = all_reduce_sum(totals).tolist()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["IoUAccumulator"]
+__all__ = ["IoUAccumulator", "topk_correct"]
 
 
 class IoUAccumulator:
@@ -96,3 +96,10 @@ class IoUAccumulator:
         total = int(self.area_label.sum())
         aacc = int(self.intersect.sum()) / total if total else math.nan
         return {"mIoU": 100.0 * miou, "aAcc": 100.0 * aacc, "IoU": [100.0 * float(v) for v in iou]}
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of (B,) ``labels`` that are the arg-max, and among the top 5, of (B, K) ``logits`` (top-5 is top-K
+    when K < 5); 0-d tensors on the logits' device."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return (top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(dim=1).sum()
