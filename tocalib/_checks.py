@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from tocalib.causal import ClusterState, KVCache
+
 if TYPE_CHECKING:
     from tocalib.attention import ToCaAttention
 
@@ -43,6 +45,11 @@ def check_inputs(
                 f"assignment must be a floating tensor of shape (B, M, L) = {(b, layer.num_clusters, length)}, "
                 f"got {assignment.dtype} {tuple(assignment.shape)}"
             )
+    return _keep(key_padding_mask, b, length)
+
+
+def _keep(key_padding_mask: Tensor | None, b: int, length: int) -> Tensor | None:
+    """``~key_padding_mask`` after checking it is (B, L) bool, or None."""
     if key_padding_mask is None:
         return None
     if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, length):
@@ -51,3 +58,35 @@ def check_inputs(
             f"True = padding, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}; convert with `mask.bool()`"
         )
     return ~key_padding_mask
+
+
+def check_step(
+    layer: ToCaAttention, x: Tensor, key_padding_mask: Tensor | None, state: ClusterState | KVCache | None
+) -> Tensor | None:
+    """Validate a :meth:`ToCaAttention.step` call; return ``keep`` (B, T) bool or None."""
+    if not layer.causal:
+        raise ValueError("step() decodes causally: build the layer with causal=True")
+    _check_tokens("x", x, layer.dim)
+    b, t, _ = x.shape
+    if t < 1:
+        raise ValueError(f"step() needs at least one new position, got x of shape {tuple(x.shape)}")
+    expected = ClusterState if layer.num_clusters else KVCache
+    if state is not None and not isinstance(state, expected):
+        raise TypeError(
+            f"state must be the {expected.__name__} a previous step() of this layer returned (or None), "
+            f"got {type(state).__name__}"
+        )
+    if layer.num_clusters:
+        if getattr(layer.clustering, "causal_lookback", None) is None:
+            raise ValueError(
+                f"step() needs to know how many past tokens the clustering {type(layer.clustering).__name__} reads: "
+                "give it an int attribute causal_lookback (0 for a per-token function)"
+            )
+        if state is not None and tuple(state.log_normalizer.shape) != (b, layer.num_clusters):
+            raise ValueError(
+                f"state is for batch and clusters {tuple(state.log_normalizer.shape)}, but x has batch {b} and "
+                f"the layer {layer.num_clusters} clusters; pass the state of this layer and batch"
+            )
+    elif state is not None and state.keys.shape[0] != b:
+        raise ValueError(f"the KV cache holds batch size {state.keys.shape[0]} but x has {b}")
+    return _keep(key_padding_mask, b, t)

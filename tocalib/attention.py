@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib._checks import check_inputs
-from tocalib.causal import prefix_pool_chunks
+from tocalib._checks import check_inputs, check_step
+from tocalib.causal import PAD_LOGIT, ClusterState, KVCache, causal_cluster_attention, causal_cluster_macs
 from tocalib.clustering import build_clustering
 from tocalib.packing import pack, unpack
 from tocalib.pooling import cluster_counts, hard_assign, hard_assignment_matrix, pool, scatter_mean_pool, soft_assign
@@ -70,10 +70,13 @@ class ToCaAttention(nn.Module):
         cluster_norm: LayerNorm on the cluster tokens Z (PaCa's default).
         norm_eps: that LayerNorm's eps.
         clustering_kwargs: extra arguments for a named clustering, e.g. ``{"kernel_size": 5}``.
-        causal: position t attends only to clusters pooled from tokens ≤ t (needs a clustering whose
-            logit for token s uses tokens ≤ s: ``linear``, ``mlp`` or ``conv1d`` with
-            ``clustering_kwargs={"causal": True}``). Cost is linear in N for fixed M and chunk size.
-        chunk_size: positions per step of the causal scan (memory ∝ B·M·chunk·max(chunk, C)).
+        causal: position t attends only to clusters pooled from tokens ≤ t, exactly the non-causal layer
+            run on the prefix ``x[:, :t+1]`` (needs a clustering whose logit for token s uses tokens ≤ s:
+            ``linear``, ``mlp`` or ``conv1d`` with ``clustering_kwargs={"causal": True}``). Computed as a
+            chunked scan with an M × C carried state (:mod:`tocalib.causal`), in O(C² + M·C + T·C) per
+            position for chunk size T; :meth:`step` decodes with that state. With ``num_clusters=0`` it is
+            causal full attention (SDPA's ``is_causal``), and :meth:`step` keeps a KV cache.
+        chunk_size: T, positions per chunk of the causal scan (memory ∝ B·N·M·T).
 
     Example:
         >>> attn = ToCaAttention(dim=64, num_heads=4, num_clusters=8)
@@ -185,24 +188,124 @@ class ToCaAttention(nn.Module):
             source = source.masked_fill(~keep.unsqueeze(-1), 0.0)
             x = source if context is None else x
         record = ToCaIntermediates()
-        q = self._heads(self.q(x))
         if self.causal and self.num_clusters:
-            out = self._causal_clusters(q, source, size, key_padding_mask, keep, need_weights, record)
+            record.logits = logits = self._logits(x, size, key_padding_mask)
+            if return_assignment or return_intermediates:
+                record.assignment = soft_assign(logits, keep)
+            out, record.attn_weights, _ = self._causal_scan(x, logits, keep, None, need_weights, final_state=False)
         else:
-            attn_mask = self._key_mask(keep, x.shape[1], source.shape[1])
             if self.num_clusters:
                 want = return_assignment or return_intermediates
                 kv = self.cluster_norm(self._cluster(source, size, key_padding_mask, keep, assignment, want, record))
                 record.clusters = kv
             else:
                 kv = source
+            attn_mask = None if self.num_clusters else self._full_attention_mask(keep, x.shape[1], source.shape[1])
             out, record.attn_weights = self._attend(
-                q, self._heads(self.k(kv)), self._heads(self.v(kv)), attn_mask, need_weights
+                self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv)), attn_mask, need_weights
             )
-        y = self.proj_drop(self.proj(out.transpose(-3, -2).flatten(-2)))
+            out = out.transpose(-3, -2).flatten(-2)
+        y = self.proj_drop(self.proj(out))
         if return_assignment:
             return y, record.assignment
         return (y, record) if return_intermediates else y
+
+    def step(
+        self, x: Tensor, state: ClusterState | KVCache | None = None, *, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, ClusterState | KVCache]:
+        """Incremental causal decoding: append T ≥ 1 new positions to a sequence and get their outputs.
+
+        ``step`` over any split of a sequence gives the parallel forward's outputs (up to float rounding).
+        For M > 0 the state is a :class:`~tocalib.causal.ClusterState` of fixed size, O(M·C) per layer
+        (a cache of M cluster entries instead of N tokens), and a token costs O(C² + h·M·C) whatever
+        its position. For ``num_clusters=0`` it is a :class:`~tocalib.causal.KVCache`, which grows by
+        one entry per position.
+
+        Args:
+            x: (B, T, C) the new positions.
+            state: what the previous call returned, or None at the start of a sequence.
+            key_padding_mask: (B, T) bool, True at padded new positions (they never enter a cluster).
+
+        Returns:
+            ``(y, state)``: y (B, T, C), and the state after the new positions.
+
+        Example:
+            >>> layer = ToCaAttention(32, num_heads=4, num_clusters=8, causal=True).eval()
+            >>> x = torch.randn(1, 10, 32)
+            >>> y1, state = layer.step(x[:, :6])
+            >>> y2, state = layer.step(x[:, 6:], state)
+            >>> torch.allclose(torch.cat([y1, y2], 1), layer(x), atol=1e-5)
+            True
+        """
+        keep = check_step(self, x, key_padding_mask, state)
+        if keep is not None:
+            x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
+        if not self.num_clusters:
+            return self._step_full_attention(x, keep, state)
+        lookback = self.clustering.causal_lookback
+        window = None
+        if lookback:
+            past = x.new_zeros(x.shape[0], lookback, self.dim) if state is None else state.window
+            joined = torch.cat([past, x], dim=1)
+            mask = None if key_padding_mask is None else F.pad(key_padding_mask, (lookback, 0), value=False)
+            logits = self.clustering(joined, key_padding_mask=mask)[..., lookback:]
+            window = joined[:, -lookback:]
+        else:
+            logits = self._logits(x, None, key_padding_mask)
+        out, _, core = self._causal_scan(x, logits, keep, state, False, final_state=True)
+        return self.proj_drop(self.proj(out)), ClusterState(core.log_normalizer, core.pooled, window)
+
+    def _causal_scan(
+        self,
+        x: Tensor,
+        logits: Tensor,
+        keep: Tensor | None,
+        state: ClusterState | None,
+        need_weights: bool,
+        final_state: bool,
+    ) -> tuple[Tensor, Tensor | None, ClusterState | None]:
+        """Causal ToCa on tokens x (B, N, C) with their logits (B, M, N): ``(out (B, N, C), weights, state)``.
+
+        The tokens are projected before they are pooled (see :mod:`tocalib.causal`), by one matrix
+        product for q, k and v. With ``cluster_norm``, the keys and values are those of the centred
+        tokens scaled by the norm's weight: W_k (γ ⊙ (x - mean x)) = (W_k diag γ - its row means) x.
+        The norm's bias reaches the output through ``v``; k's bias is the same for every cluster, so
+        the softmax over clusters drops it.
+        """
+        if keep is not None:
+            logits = logits.masked_fill(~keep.unsqueeze(1), PAD_LOGIT)
+        norm = self.cluster_norm if isinstance(self.cluster_norm, nn.LayerNorm) else None
+        w_k, w_v = self.k.weight, self.v.weight
+        if norm is not None:
+            w_k, w_v = (w * norm.weight for w in (w_k, w_v))
+            w_k, w_v = (w - w.mean(-1, keepdim=True) for w in (w_k, w_v))
+        scale = self.head_dim**-0.5
+        bias = None if self.q.bias is None else F.pad(self.q.bias * scale, (0, 2 * self.dim))
+        q, keys, values = F.linear(x, torch.cat([self.q.weight * scale, w_k, w_v]), bias).split(self.dim, dim=-1)
+        tokens = None if norm is None else x - x.mean(-1, keepdim=True)
+        value_bias = self.v.bias if norm is None else self.v(norm.bias)
+        dropout_p = self.attn_drop_p if self.training else 0.0
+        return causal_cluster_attention(
+            q, keys, values, logits, self.num_heads, tokens=tokens, eps=0.0 if norm is None else norm.eps,
+            value_bias=value_bias, state=state, chunk_size=self.chunk_size, dropout_p=dropout_p,
+            need_weights=need_weights, final_state=final_state,
+        )  # fmt: skip
+
+    def _step_full_attention(self, x: Tensor, keep: Tensor | None, cache: KVCache | None) -> tuple[Tensor, KVCache]:
+        """One decoding step of causal full attention (M = 0) with a growing KV cache."""
+        keys, values = self.k(x), self.v(x)
+        if cache is not None:
+            keys, values = torch.cat([cache.keys, keys], dim=1), torch.cat([cache.values, values], dim=1)
+        seen = 0 if cache is None else cache.keys.shape[1]
+        if keep is None and (cache is None or cache.keep is None):
+            keep_all = None
+        else:
+            old = x.new_ones(x.shape[0], seen, dtype=torch.bool) if cache is None or cache.keep is None else cache.keep
+            new = torch.ones_like(x[..., 0], dtype=torch.bool) if keep is None else keep
+            keep_all = torch.cat([old, new], dim=1)
+        mask = self._full_attention_mask(keep_all, x.shape[1], keys.shape[1])
+        out, _ = self._attend(self._heads(self.q(x)), self._heads(keys), self._heads(values), mask, False)
+        return self.proj_drop(self.proj(out.transpose(-3, -2).flatten(-2))), KVCache(keys, values, keep_all)
 
     def _cluster(
         self,
@@ -245,52 +348,22 @@ class ToCaAttention(nn.Module):
             )
         return logits
 
-    def _causal_clusters(
-        self,
-        q: Tensor,
-        x: Tensor,
-        size: Sequence[int] | None,
-        key_padding_mask: Tensor | None,
-        keep: Tensor | None,
-        need_weights: bool,
-        record: ToCaIntermediates,
-    ) -> Tensor:
-        """(B, heads, N, head_dim): each position attends to the clusters of its own prefix.
+    def _full_attention_mask(self, keep: Tensor | None, n: int, length: int) -> Tensor | None:
+        """Bool (B or 1, 1, N, L) mask for attention over raw tokens (M = 0), or None when none is needed.
 
-        With ``cluster_norm`` the prefix clusters of x are normalised and projected per position
-        (k, v: 2·M·C² MACs per position); without it k and v are affine, so the prefix clusters of
-        k(x) and v(x) are pooled directly (4·C² per position).
+        The N queries are the last N of the L positions. Without padding a causal layer needs no mask
+        when N = L (SDPA's ``is_causal``) or N = 1 (the last position sees everything).
         """
-        record.logits = logits = self._logits(x, size, key_padding_mask)
-        record.assignment = soft_assign(logits, keep)
-        normed = isinstance(self.cluster_norm, nn.LayerNorm)
-        features = x if normed else torch.cat([self.k(x), self.v(x)], dim=-1)
-        outs, weights = [], []
-        for chunk, z in prefix_pool_chunks(logits, features, keep, self.chunk_size):  # z (B, T, M, F)
-            if normed:
-                z = self.cluster_norm(z)
-                k, v = self.k(z), self.v(z)
-            else:
-                k, v = z.chunk(2, dim=-1)
-            q_chunk = q[:, :, chunk].transpose(1, 2).unsqueeze(-2)  # (B, T, heads, 1, head_dim)
-            out, w = self._attend(q_chunk, self._heads(k), self._heads(v), None, need_weights)
-            outs.append(out.squeeze(-2).transpose(1, 2))
-            weights.append(w)
-        if need_weights:
-            record.attn_weights = torch.cat(weights, dim=1).squeeze(-2).transpose(1, 2)
-        return torch.cat(outs, dim=2)
-
-    def _key_mask(self, keep: Tensor | None, n: int, length: int) -> Tensor | None:
-        """Boolean attention mask (B or 1, 1, N, L) for attention over the raw tokens (M = 0), or None."""
-        if self.num_clusters or (keep is None and not self.causal):
+        causal = self.causal and n > 1
+        if keep is None and (not causal or n == length):
             return None
         allowed = torch.ones(1, 1, n, length, dtype=torch.bool, device=self.q.weight.device)
-        if self.causal:
-            allowed = allowed.tril()
+        if causal:
+            allowed = allowed.tril(length - n)
         if keep is not None:
             allowed = allowed & keep[:, None, None, :]
         # a query with no allowed key would get NaN: it attends to everything allowed causally instead
-        return allowed | (~allowed.any(-1, keepdim=True) & torch.ones_like(allowed).tril())
+        return allowed | (~allowed.any(-1, keepdim=True) & torch.ones_like(allowed).tril(length - n))
 
     def _heads(self, t: Tensor) -> Tensor:
         """(..., L, C) → (..., heads, L, head_dim)."""
@@ -299,10 +372,17 @@ class ToCaAttention(nn.Module):
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, need_weights: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """Scaled dot-product attention: SDPA by default, explicit matmuls when weights are needed."""
+        """Scaled dot-product attention: SDPA by default, explicit matmuls when weights are needed.
+
+        A causal layer without a mask attends causally (``is_causal``) when queries and keys have one length.
+        """
+        n, length = q.shape[-2], k.shape[-2]
+        is_causal = self.causal and not self.num_clusters and attn_mask is None and n == length > 1
         if not need_weights:
             dropout_p = self.attn_drop_p if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p), None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal), None
+        if is_causal:
+            attn_mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril()
         scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -329,13 +409,9 @@ class ToCaAttention(nn.Module):
             raise ValueError("computes_assignment=True but this layer has no clustering function")
         clustering = self.clustering.macs(length) if computes_assignment else 0
         if self.causal:
-            chunks = [min(self.chunk_size, n - start) for start in range(0, n, self.chunk_size)]
             normed = isinstance(self.cluster_norm, nn.LayerNorm)
-            width = c if normed else 2 * c
-            per_position = 5 * m * c + 2 * m * c * c if normed else 0
-            projections = 0 if normed else 2 * n * c * c
-            pooling = m * width * sum(t * t for t in chunks)
-            return total + clustering + projections + pooling + n * per_position + 2 * n * m * c
+            scan = causal_cluster_macs(n, c, self.num_heads, m, self.chunk_size, normed)
+            return total + 2 * n * c * c + clustering + scan + (c * c if normed else 0)  # k, v on tokens; v(β)
         total += 2 * m * c * c + 2 * n * m * c  # k, v on clusters; QKᵀ and AV
         if isinstance(self.cluster_norm, nn.LayerNorm):
             total += 5 * m * c

@@ -1,57 +1,198 @@
-"""Causal token-to-cluster pooling: position t sees only clusters built from tokens s ≤ t.
+"""Causal token-to-cluster attention in linear time, with a constant-size decoding state.
 
-For logits l (B, M, N) and features f (B, N, F), position t uses the prefix-renormalised clusters
+**Definition (the prefix rule).** The causal output at position t is the output at t of the non-causal
+layer run on the prefix ``x[:, :t+1]``. For clustering logits l (B, M, N) that prefix softmax is
 
-    Z_t[m] = Σ_{s≤t} exp(l[m, s]) f[s] / Σ_{s≤t} exp(l[m, s])          (B, M, F) for each t
+    a_t[m, s] = exp(l[m, s] - L[m, t])   for s ≤ t,      L[m, t] = log Σ_{s≤t} exp l[m, s]
 
-i.e. PaCa's softmax over tokens restricted to the prefix. The sums are scanned chunk by chunk with a
-running maximum (an online softmax), so nothing larger than (B, M, T, T) and (B, M, T, F) exists
-at once for chunk size T. Cost: M·T·F multiply-adds per position inside a chunk plus M·F for the
-carried state — linear in N for fixed M and T.
+so each cluster is a gated running average, Z_t = ρ_t Z_{t-1} + α_t x_t with α_t = exp(l_t - L_t) and
+ρ_t = exp(L_{t-1} - L_t) = 1 - α_t. Nothing here ever builds a per-position cluster token. Three facts
+make that possible:
+
+1. k(·) and v(·) are affine, so k(Z_t) = Σ_s a_t[m, s] k(x_s): the tokens are projected once, and the
+   projections are pooled.
+2. ``cluster_norm`` is LayerNorm(Z) = γ ⊙ (Z - mean Z) / σ + β, and the channel mean of a weighted
+   average is the weighted average of the channel means. So Z - mean Z pools the centred tokens
+   x̄_s = x_s - mean x_s, and k(LN(Z_t)) = (Σ_s a_t[m, s] W_k (γ ⊙ x̄_s)) / σ_t[m] + W_k β + b_k. That
+   last term is the same for every cluster, and a softmax over clusters drops it. For v it adds
+   W_v β + b_v to the output.
+3. σ_t² = |Z̄_t|² / C + eps, with Z̄_t = Σ_s a_t[m, s] x̄_s, follows the recursion
+   |Z̄_t|² = ρ_t² |Z̄_{t-1}|² + 2 α_t ⟨Z̄_t, x̄_t⟩ - α_t² |x̄_t|². The term ⟨Z̄_t, x̄_t⟩ is a dot product
+   with the carried state plus an intra-chunk sum of token Gram entries.
+
+**Chunked evaluation** (the split of chunked linear attention, ABC and Gated Slot Attention). The N
+positions are cut into chunks of T. Within a chunk every term is a (T, T) block weighted by
+W[t, m, s] = a_t[m, s]. Across chunks a carried state holds, per cluster, the log-normaliser L and
+the prefix averages of the token keys, values and centred tokens (M × 3C). Only that (B, M, 3C)
+update runs sequentially over the chunks; everything else is batched over all chunks at once.
+
+Multiply-accumulates per position, h heads of width d = C / h:
+  * the state update: 3·M·C;
+  * per-head scores and values against the carried clusters: 2·M·C;
+  * intra-chunk scores and values: 2·T·C + 2·h·M·T;
+  * the LayerNorm statistics: T·C + M·C + M·T.
+
+On top come the four C² projections and the clustering. No term is M·C² or M·T·C.
+
+**Numerics.** Every weight is exp(l_s - L_t) ≤ 1, taken directly from logits and log-normalisers. It is
+never a product of factors that could overflow or underflow. So logits that span hundreds of units
+inside one chunk give finite, exact results, the same guarantee a per-position running maximum gives.
+The scan runs in float32 for half-precision inputs (in float64 for float64 ones). Padding enters as a
+finite sentinel logit, not as -inf, so no -inf - -inf can form, forward or backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-__all__ = ["prefix_pool_chunks"]
+from tocalib._scan import BLOCK, PAD_LOGIT, Scan, ScanConfig, scan_forward
+
+__all__ = ["BLOCK", "PAD_LOGIT", "ClusterState", "KVCache", "causal_cluster_attention", "causal_cluster_macs"]
 
 
-def prefix_pool_chunks(
-    logits: Tensor, features: Tensor, keep: Tensor | None = None, chunk_size: int = 64
-) -> Iterator[tuple[slice, Tensor]]:
-    """Yield ``(positions, Z)`` chunk by chunk, Z (B, T, M, F) holding each position's prefix clusters.
+@dataclass
+class ClusterState:
+    """What a causal ToCa layer carries between :meth:`~tocalib.ToCaAttention.step` calls.
+
+    Its size is fixed by B, M and C, whatever the number of positions seen: a KV cache of M cluster
+    entries instead of N tokens.
+
+    Attributes:
+        log_normalizer: (B, M) L[m] = log Σ exp l[m, s] over the real tokens seen so far (the sentinel
+            :data:`PAD_LOGIT` before the first one).
+        pooled: (B, M, F) the prefix averages Σ_s a[m, s] f_s of the token keys and values, and of the
+            centred tokens with ``cluster_norm`` (F = 3·C, or 2·C without it).
+        window: (B, K, C) the last K inputs, for a clustering whose logits look K tokens back (a causal
+            conv1d: K = kernel_size - 1), or None when K = 0.
+    """
+
+    log_normalizer: Tensor
+    pooled: Tensor
+    window: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return _nbytes(self)
+
+
+@dataclass
+class KVCache:
+    """The decoding state of a causal layer with ``num_clusters=0`` (full attention): it grows with
+    every position, as any KV cache does.
+
+    Attributes:
+        keys: (B, L, C) the projected keys of the L positions seen.
+        values: (B, L, C) their projected values.
+        keep: (B, L) bool, False at padded positions, or None when no padding was ever given.
+    """
+
+    keys: Tensor
+    values: Tensor
+    keep: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
+        return _nbytes(self)
+
+
+def _nbytes(state: ClusterState | KVCache) -> int:
+    tensors = (getattr(state, f.name) for f in fields(state))
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def causal_cluster_attention(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    logits: Tensor,
+    num_heads: int,
+    *,
+    tokens: Tensor | None = None,
+    eps: float = 0.0,
+    value_bias: Tensor | None = None,
+    state: ClusterState | None = None,
+    chunk_size: int = 64,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    final_state: bool = True,
+) -> tuple[Tensor, Tensor | None, ClusterState | None]:
+    """Causal attention from N positions to their prefix clusters, chunk by chunk.
 
     Args:
-        logits: (B, M, N) clustering logits.
-        features: (B, N, F) what the clusters average (tokens, or their key/value projections).
-        keep: optional (B, N) bool, True for real tokens; padded tokens never enter a cluster, and a
-            position with no real token before it gets all-zero clusters.
-        chunk_size: T, the number of positions handled at once (memory ∝ B·M·T·max(T, F)).
+        queries: (B, N, C) query projections, already scaled by 1/√d (d = C / h, SDPA's default scale).
+        keys: (B, N, C) token keys W_k(γ ⊙ x̄), pooled into cluster keys.
+        values: (B, N, C) token values, pooled likewise.
+        logits: (B, M, N) clustering logits, :data:`PAD_LOGIT` at padded tokens.
+        num_heads: h; C must be a multiple of it.
+        tokens: (B, N, C) centred tokens x̄ for the ``cluster_norm`` statistics, or None without it.
+        eps: the LayerNorm eps (used with ``tokens``).
+        value_bias: (C,) added to every cluster value (W_v β + b_v with ``cluster_norm``, else b_v).
+        state: the state after the positions before these, or None at the start of a sequence.
+        chunk_size: T, the positions per chunk.
+        dropout_p: dropout on the attention weights over the clusters (pass 0 in evaluation).
+        need_weights: also return the (B, h, N, M) attention weights (not differentiable).
+        final_state: compute the state after the last position (False skips the last chunk's update).
+
+    Returns:
+        ``(out, weights, state)``: out (B, N, C) in the queries' dtype (heads merged, before the output
+        projection), weights (B, h, N, M) or None, and the state after the last position (or None).
+
+    The work runs in blocks of about :data:`BLOCK` positions, each a batch of whole chunks, so no
+    temporary grows with N, inside one autograd function with a hand-written backward pass. Training
+    keeps O(C + h·M + h·T + M·C/T) floats per position for it. Gradients flow to every input and to the
+    state; a second derivative is not implemented (it raises).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    b, m, n = logits.shape
-    logits = logits.float()
-    if keep is not None:
-        logits = logits.masked_fill(~keep.unsqueeze(1), float("-inf"))
-    run_max = logits.new_full((b, m), float("-inf"))
-    run_den = logits.new_zeros(b, m)
-    run_num = features.new_zeros(b, m, features.shape[-1], dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        chunk = slice(start, min(start + chunk_size, n))
-        scores = logits[:, :, chunk]  # (B, M, T)
-        t = scores.shape[-1]
-        peak = torch.maximum(scores.cummax(dim=-1).values, run_max.unsqueeze(-1))  # (B, M, T) max over s ≤ t
-        ref = peak.masked_fill(peak.isinf(), 0.0)  # no real token yet: any finite reference works
-        future = torch.ones(t, t, dtype=torch.bool, device=logits.device).triu(1)  # [t, s] True where s > t
-        weights = (scores.unsqueeze(-2) - ref.unsqueeze(-1)).masked_fill(future, float("-inf")).exp()  # (B,M,T,T)
-        carry = (run_max.unsqueeze(-1) - ref).exp()  # (B, M, T) rescales the state carried in
-        num = weights @ features[:, chunk].float().unsqueeze(1) + carry.unsqueeze(-1) * run_num.unsqueeze(2)
-        den = weights.sum(-1) + carry * run_den.unsqueeze(-1)  # (B, M, T)
-        run_max, run_den, run_num = peak[..., -1], den[..., -1], num[:, :, -1]
-        pooled = num / den.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-        yield chunk, pooled.transpose(1, 2).to(features.dtype)
+    b, n, c = queries.shape
+    m = logits.shape[1]
+    f32 = torch.promote_types(queries.dtype, torch.float32)  # the scan's dtype
+    width = (2 if tokens is None else 3) * c
+    if state is None:
+        state = ClusterState(logits.new_full((b, m), PAD_LOGIT, dtype=f32), queries.new_zeros(b, m, width, dtype=f32))
+    start, pooled = state.log_normalizer.to(f32), state.pooled.to(f32).transpose(-1, -2)  # the scan's (B, F, M)
+    if n == 0:
+        weights = queries.new_zeros(b, num_heads, 0, m) if need_weights else None
+        return queries.new_zeros(b, 0, c), weights, state if final_state else None
+    logits = logits.to(f32).clamp_min(PAD_LOGIT)
+    log_norm = torch.logcumsumexp(torch.cat([start.unsqueeze(-1), logits], dim=-1), dim=-1)  # (B, M, N + 1)
+    streams = [queries.to(f32), keys.to(f32), values.to(f32), None if tokens is None else tokens.to(f32)]
+    config = ScanConfig(num_heads, min(chunk_size, n), eps, dropout_p, need_weights, final_state)
+    bias = None if value_bias is None else value_bias.to(f32)
+    inputs = (*streams, logits, log_norm[..., :-1], log_norm[..., 1:], pooled, bias)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if differentiable and not torch.jit.is_tracing():
+        out, weights, pooled = Scan.apply(config, *inputs)
+    else:  # inference, or a trace (fvcore's MAC count), which sees the operators themselves
+        with torch.no_grad():
+            out, weights, pooled = scan_forward(config, *inputs)
+    out, weights = out.to(queries.dtype), weights.to(queries.dtype)
+    next_state = ClusterState(log_norm[..., -1], pooled.transpose(-1, -2)) if final_state else None
+    return out, weights if need_weights else None, next_state
+
+
+def causal_cluster_macs(
+    num_tokens: int,
+    dim: int,
+    num_heads: int,
+    num_clusters: int,
+    chunk_size: int,
+    cluster_norm: bool,
+    final_state: bool = False,
+) -> int:
+    """Multiply-accumulates of :func:`causal_cluster_attention` on one sequence of ``num_tokens`` positions.
+
+    The positions are padded to whole chunks of T = min(chunk_size, N), so the count is chunks × (cost
+    of one chunk), less one chunk's state update without ``final_state``: linear in N once N ≥ T.
+    """
+    n, c, m, h = num_tokens, dim, num_clusters, num_heads
+    t = min(chunk_size, n)
+    chunks = -(-n // t)
+    update = m * t * (3 if cluster_norm else 2) * c
+    per_chunk = 2 * t * t * c + 2 * t * t * h * m + 2 * t * m * c
+    if cluster_norm:
+        per_chunk += t * t * c + t * t * m + t * c * m  # the Gram block, its weighted sum, ⟨x̄_t, S_x⟩
+    return chunks * per_chunk + (chunks if final_state else chunks - 1) * update

@@ -6,6 +6,9 @@ The protocol is small. A clustering function is an ``nn.Module`` with
   tokens, True for a one-cluster-per-token assignment pooled by scatter);
 * ``causal_safe`` (bool): the logit of token s depends on tokens ≤ s only, so the function may serve
   a causal layer;
+* ``causal_lookback`` (int, for causal-safe functions): how many earlier tokens the logit of token s
+  reads (0 for per-token functions, k - 1 for a causal conv of width k). A causal layer's
+  :meth:`~tocalib.ToCaAttention.step` keeps that many inputs in its state;
 * ``forward(x, size=None, key_padding_mask=None) -> logits`` with x (B, N, C), ``size`` the token
   layout (``(H, W)`` for 2-D grids) and logits (B, M, N). Padded tokens arrive already zeroed and
   their logits are masked afterwards, so most functions can ignore the mask;
@@ -80,6 +83,7 @@ class Clustering(nn.Module):
 
     hard: bool = False
     causal_safe: bool = False
+    causal_lookback: int | None = None
 
     def __init__(self, dim: int, num_clusters: int) -> None:
         super().__init__()
@@ -97,6 +101,7 @@ class LinearClustering(Clustering):
     """One linear map per token: logits = W x, W (M, C), no bias."""
 
     causal_safe = True
+    causal_lookback = 0
 
     def __init__(self, dim: int, num_clusters: int) -> None:
         super().__init__(dim, num_clusters)
@@ -118,6 +123,7 @@ class MlpClustering(Clustering):
     """
 
     causal_safe = True
+    causal_lookback = 0
 
     def __init__(self, dim: int, num_clusters: int, hidden_dim: int | None = None) -> None:
         super().__init__(dim, num_clusters)
@@ -176,6 +182,7 @@ class Conv1dClustering(_ConvClustering):
     def __init__(self, dim: int, num_clusters: int, kernel_size: int = 7, causal: bool = False) -> None:
         super().__init__(dim, num_clusters, kernel_size, padding=0 if causal else None)
         self.causal = self.causal_safe = causal
+        self.causal_lookback = kernel_size - 1 if causal else None
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
         tokens = x.transpose(1, 2)

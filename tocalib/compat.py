@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tocalib.attention import ToCaAttention
+from tocalib.causal import ClusterState, KVCache
 
 __all__ = ["ToCaMultiheadAttention"]
 
@@ -95,6 +96,18 @@ class ToCaMultiheadAttention(nn.Module):
         else:
             out, weights = self.toca(query, context=context, key_padding_mask=pad), None
         return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def step(
+        self, query: Tensor, state: ClusterState | KVCache | None = None, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, ClusterState | KVCache]:
+        """Incremental decoding for a ``causal=True`` layer: the outputs of T new positions (``query`` (B, T, E),
+        or (T, B, E) without ``batch_first``) and the state to pass to the next call. See
+        :meth:`tocalib.ToCaAttention.step`: for M > 0 the state has a fixed size, for M = 0 it is a KV cache."""
+        if not self.batch_first:
+            query = query.transpose(0, 1)
+        pad = None if key_padding_mask is None else _as_padding(key_padding_mask)
+        out, state = self.toca.step(query, state, key_padding_mask=pad)
+        return (out if self.batch_first else out.transpose(0, 1)), state
 
     def _check_causal(self, attn_mask: Tensor | None, is_causal: bool, n: int) -> None:
         """Accept no mask, or the causal mask for a layer built with ``causal=True``."""

@@ -33,6 +33,7 @@ _MAC_FREE_NAMES = (
     "abs",
     "add",
     "add_",
+    "addcmul",
     "all",
     "any",
     "amax",
@@ -44,11 +45,14 @@ _MAC_FREE_NAMES = (
     "clamp_max",
     "cos",
     "cumsum",
+    "diagonal",
     "div",
     "div_",
     "dropout",
+    "empty_like",
     "eq",
     "exp",
+    "exp_",
     "feature_dropout",
     "fill_",
     "ge",
@@ -58,6 +62,7 @@ _MAC_FREE_NAMES = (
     "le",
     "log",
     "log_softmax",
+    "logcumsumexp",
     "logical_and",
     "logical_not",
     "logical_or",
@@ -117,6 +122,18 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _matmul_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::matmul``, also with ``out=`` (fvcore's own handle takes exactly two inputs) and broadcast
+    batch dimensions: batch · n · k · m multiply-accumulates."""
+    a, b = (_shape(t) for t in inputs[:2])
+    if len(b) == 1:  # (..., n, k) @ (k,), or (k,) @ (k,)
+        return math.prod(a)
+    if len(a) == 1:  # (k,) @ (..., k, m)
+        return math.prod(b)
+    batch = math.prod(torch.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])))
+    return batch * a[-2] * a[-1] * b[-1]
+
+
 def _einsum_macs(inputs: list[Any], outputs: list[Any]) -> int:
     """Exact ``aten::einsum`` of two operands: the product of the sizes of all distinct indices
     (fvcore's own handle estimates it through numpy's contraction path and can be off)."""
@@ -144,6 +161,7 @@ def _scatter_add_macs(inputs: list[Any], outputs: list[Any]) -> int:
 
 _HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_macs,
+    "aten::matmul": _matmul_macs,
     "aten::einsum": _einsum_macs,
     "aten::_convolution_mode": _convolution_mode_macs,
     "aten::index_add": _scatter_add_macs,

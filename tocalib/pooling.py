@@ -42,12 +42,13 @@ def soft_assign(logits: Tensor, keep: Tensor | None = None) -> Tensor:
 
     Returns:
         (B, M, N) in ``logits.dtype``; each row sums to 1 over the real tokens, or is all zero when a
-        sequence has no real token. The softmax runs in float32 so bf16/fp16 inputs stay accurate.
+        sequence has no real token. The softmax runs in at least float32 so bf16/fp16 inputs stay accurate.
     """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     if keep is None:
-        return logits.softmax(dim=-1, dtype=torch.float32).to(logits.dtype)
+        return logits.softmax(dim=-1, dtype=dtype).to(logits.dtype)
     keep3 = keep.unsqueeze(1)  # (B, 1, N)
-    scores = logits.float().masked_fill(~keep3, torch.finfo(torch.float32).min)
+    scores = logits.to(dtype).masked_fill(~keep3, torch.finfo(dtype).min)
     return (scores.softmax(dim=-1) * keep3).to(logits.dtype)
 
 
