@@ -82,6 +82,28 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def bench_causal(session: nox.Session) -> None:
+    """Causal ToCa against SDPA is_causal=True (C=512, 8 heads, M=64, B=1, fp32): training and inference time
+    at N = 1k … 64k, decoding latency and state size; ≈ 12 min on 2 cores. Writes outputs/bench_causal/
+    {causal.md,causal.json,causal_seconds.png}; options after `--` (e.g. `-- --threads 1`)."""
+    session.install(*CONSTRAINTS, "-e", ".", "matplotlib")
+    session.run("python", "-m", "benchmarks.causal", *session.posargs)
+
+
+@nox.session
+def demo_lm(session: nox.Session) -> None:
+    """A character-level language model of the King James Bible (Debian's bible-kjv, installed here with apt-get
+    when missing), causal ToCa against full causal attention with the same code, seed, batches and steps;
+    ≈ 20 min on 2 cores, not a default session. Writes outputs/lm_demo/{results.md,results.json,samples.txt,
+    assignments.png}. Options after `--` go to the demo, e.g. `nox -s demo_lm -- --steps 50`."""
+    install(session, "test")
+    session.install(*CONSTRAINTS, "matplotlib")
+    if shutil.which("bible") is None:
+        session.run("apt-get", "install", "-y", "bible-kjv", external=True)
+    session.run("python", "examples/lm_demo.py", *session.posargs)
+
+
+@nox.session
 def demo_sequence(session: nox.Session) -> None:
     """ToCa vs full attention forecasting weekly Mauna Loa CO2 (data ships in statsmodels); CPU, about 9 min on
     the shared 2-core machine; not a default session. Writes outputs/sequence_demo/{results.md,results.json,

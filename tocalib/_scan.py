@@ -39,16 +39,19 @@ class ScanConfig:
     dropout_p: float
     need_weights: bool
     final_state: bool
+    recompute: bool = False
 
 
 class Scan(torch.autograd.Function):
     """The chunked scan with a hand-written backward pass (see :func:`_block_backward`). The forward
     pass keeps each block's intermediates (O(h·M + h·T + M·C/T) floats per position), so the backward
-    pass does not recompute them."""
+    pass does not recompute them; with ``config.recompute`` it keeps only the state before each block
+    and recomputes the block when its gradient is due (memory O(N·C), one forward pass more)."""
 
     @staticmethod
     def forward(ctx, config: ScanConfig, *inputs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        out, weights, pooled, blocks = scan_forward(config, *inputs, keep=True)
+        with torch.autocast(inputs[0].device.type, enabled=False):  # the scan keeps its float32 or float64
+            out, weights, pooled, blocks = scan_forward(config, *inputs, keep=True)
         ctx.config, ctx.blocks = config, blocks  # intermediates, neither inputs nor outputs: kept on ctx
         ctx.save_for_backward(*inputs)
         ctx.mark_non_differentiable(weights)
@@ -58,7 +61,8 @@ class Scan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out: Tensor, _: Tensor, d_pooled: Tensor) -> tuple[Tensor | None, ...]:
         inputs = ctx.saved_tensors
-        grads = _scan_backward(ctx.config, inputs, ctx.blocks, d_out, d_pooled)
+        with torch.autocast(inputs[0].device.type, enabled=False):
+            grads = _scan_backward(ctx.config, inputs, ctx.blocks, d_out, d_pooled)
         return (None, *(None if t is None else g for g, t in zip(grads, inputs, strict=True)))
 
 
@@ -75,8 +79,9 @@ def scan_forward(
     bias: Tensor | None,
     keep: bool = False,
 ) -> tuple:
-    """Run the blocks in order. With ``keep``, also return each block's inputs, intermediates and
-    dropout mask, for the backward pass."""
+    """Run the blocks in order. With ``keep``, also return what the backward pass needs of each block: its
+    positions, the state before it, its dropout mask and (unless ``config.recompute``) its inputs and
+    intermediates."""
     n = q.shape[1]
     block = config.chunk * max(1, BLOCK // config.chunk)
     out = q.new_empty(q.shape)
@@ -92,12 +97,52 @@ def scan_forward(
         fwd = _block_forward(config, parts, pooled, bias, mask, update)
         out[:, lo:hi] = fwd.out.transpose(2, 3).flatten(-2).flatten(1, 2)[:, : hi - lo]
         weights.append(fwd.probs.flatten(1, 2)[:, : hi - lo].transpose(1, 2) if config.need_weights else None)
-        pooled = fwd.states[:, -1]
         if keep:
-            blocks.append((lo, hi, update, parts, fwd, mask))
+            blocks.append((lo, hi, update, pooled, mask, None if config.recompute else (parts, fwd)))
+        pooled = fwd.states[:, -1].clone()  # not a view that would keep this block's states alive
     probs = torch.cat(weights, dim=2) if config.need_weights else out.new_zeros(0)
-    pooled = pooled.clone()  # not a view that would keep the last block's states alive
     return (out, probs, pooled, blocks) if keep else (out, probs, pooled)
+
+
+def decode_one(
+    config: ScanConfig,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    x: Tensor | None,
+    logits: Tensor,
+    start: Tensor,
+    pooled: Tensor,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One new position (N = 1) straight from the state, the recurrent form of the scan: no chunk at all.
+
+    q, k, v, x (B, 1, C); logits (B, M, 1); start (B, M) and pooled (B, F, M) the state before it. With one
+    position, L' = logaddexp(L, l), the new state is S' = ρ S + α f with ρ = exp(L - L'), α = exp(l - L'), and
+    the ``cluster_norm`` statistics are read off S' itself. Returns out (B, 1, C), the weights (B, h, 1, M),
+    L' (B, M) and S' (B, F, M).
+    """
+    b, _, c = q.shape
+    h = config.heads
+    log_norm = torch.logaddexp(start, logits[..., 0])  # (B, M)
+    alpha, keep = (logits[..., 0] - log_norm).exp(), (start - log_norm).exp()
+    feats = torch.cat([k, v] if x is None else [k, v, x], dim=-1).transpose(-1, -2)  # (B, F, 1)
+    pooled = torch.addcmul(keep.unsqueeze(1) * pooled, feats, alpha.unsqueeze(1))  # (B, F, M)
+    keys, values = (pooled[:, i * c : (i + 1) * c].unflatten(1, (h, -1)) for i in range(2))  # (B, h, d, M)
+    scores = torch.matmul(q.view(b, h, 1, -1), keys)  # (B, h, 1, M)
+    inv_sigma = None
+    if x is not None:
+        inv_sigma = (pooled[:, 2 * c :].square().sum(1) / c + config.eps).rsqrt().view(b, 1, 1, -1)
+        scores = scores * inv_sigma
+    probs = scores.softmax(dim=-1)
+    dropped = probs
+    if config.dropout_p > 0:
+        dropped = probs * (torch.rand_like(probs) >= config.dropout_p) / (1 - config.dropout_p)
+    mix = dropped if inv_sigma is None else dropped * inv_sigma
+    out = torch.matmul(mix, values.transpose(-1, -2))  # (B, h, 1, d)
+    if bias is not None:
+        out = out + dropped.sum(-1, keepdim=True) * bias.view(h, 1, -1)
+    return out.transpose(1, 2).reshape(b, 1, c), probs, log_norm, pooled
 
 
 @dataclass
@@ -370,7 +415,12 @@ def _scan_backward(
     grads = [torch.empty_like(t) if t is not None else None for t in (q, k, v, x, logits, before, here)]
     d_state = torch.zeros_like(pooled) if d_pooled is None else d_pooled.contiguous()
     d_bias = None if bias is None else torch.zeros_like(bias)
-    for lo, hi, update, parts, fwd, mask in reversed(blocks):
+    for lo, hi, update, start, mask, kept in reversed(blocks):
+        if kept is None:
+            parts = _block_inputs(config, q, k, v, x, logits, before, here, lo, hi)
+            fwd = _block_forward(config, parts, start, bias, mask, update)
+        else:
+            parts, fwd = kept
         d_block = F.pad(d_out[:, lo:hi], (0, 0, 0, parts.chunks * config.chunk - (hi - lo)))
         d_block = d_block.view(q.shape[0], parts.chunks, config.chunk, config.heads, -1).transpose(2, 3)
         d_state, pieces, db = _block_backward(config, parts, fwd, bias, mask, update, d_block, d_state)

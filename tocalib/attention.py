@@ -54,6 +54,11 @@ class ToCaIntermediates:
     attn_weights: Tensor | None = None
 
 
+def _same_tensors(cached: list[tuple[Tensor, int]], now: list[tuple[Tensor, int]]) -> bool:
+    """Whether two lists of (tensor, version) name the same tensors, unmodified."""
+    return len(cached) == len(now) and all(a is b and u == v for (a, u), (b, v) in zip(cached, now, strict=True))
+
+
 class ToCaAttention(nn.Module):
     """Token-to-cluster multi-head attention.
 
@@ -76,7 +81,10 @@ class ToCaAttention(nn.Module):
             chunked scan with an M × C carried state (:mod:`tocalib.causal`), in O(C² + M·C + T·C) per
             position for chunk size T; :meth:`step` decodes with that state. With ``num_clusters=0`` it is
             causal full attention (SDPA's ``is_causal``), and :meth:`step` keeps a KV cache.
-        chunk_size: T, positions per chunk of the causal scan (memory ∝ B·N·M·T).
+        chunk_size: T, positions per chunk of the causal scan.
+        recompute: causal layers: keep only the scan's state between blocks for the backward pass and
+            recompute the rest there (training memory O(N·C) instead of O(N·(C + h·M + h·T + M·C/T)),
+            one more forward pass of the scan).
 
     Example:
         >>> attn = ToCaAttention(dim=64, num_heads=4, num_clusters=8)
@@ -98,6 +106,7 @@ class ToCaAttention(nn.Module):
         clustering_kwargs: dict[str, Any] | None = None,
         causal: bool = False,
         chunk_size: int = 64,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         if dim < 1 or num_heads < 1 or dim % num_heads != 0:
@@ -112,7 +121,7 @@ class ToCaAttention(nn.Module):
         self.dim, self.num_heads, self.num_clusters = dim, num_heads, num_clusters
         self.head_dim = dim // num_heads
         self.attn_drop_p = attn_drop
-        self.causal, self.chunk_size = causal, chunk_size
+        self.causal, self.chunk_size, self.recompute = causal, chunk_size, recompute
         if num_clusters and clustering is not None:
             self.clustering = build_clustering(clustering, dim, num_clusters, **(clustering_kwargs or {}))
         else:
@@ -267,29 +276,47 @@ class ToCaAttention(nn.Module):
         """Causal ToCa on tokens x (B, N, C) with their logits (B, M, N): ``(out (B, N, C), weights, state)``.
 
         The tokens are projected before they are pooled (see :mod:`tocalib.causal`), by one matrix
-        product for q, k and v. With ``cluster_norm``, the keys and values are those of the centred
-        tokens scaled by the norm's weight: W_k (γ ⊙ (x - mean x)) = (W_k diag γ - its row means) x.
-        The norm's bias reaches the output through ``v``; k's bias is the same for every cluster, so
-        the softmax over clusters drops it.
+        product for q, k and v (:meth:`_causal_projection`).
         """
         if keep is not None:
             logits = logits.masked_fill(~keep.unsqueeze(1), PAD_LOGIT)
         norm = self.cluster_norm if isinstance(self.cluster_norm, nn.LayerNorm) else None
+        weight, bias, value_bias = self._causal_projection()
+        q, keys, values = F.linear(x, weight, bias).split(self.dim, dim=-1)
+        tokens = None if norm is None else x - x.mean(-1, keepdim=True)
+        dropout_p = self.attn_drop_p if self.training else 0.0
+        return causal_cluster_attention(
+            q, keys, values, logits, self.num_heads, tokens=tokens, eps=0.0 if norm is None else norm.eps,
+            value_bias=value_bias, state=state, chunk_size=self.chunk_size, dropout_p=dropout_p,
+            need_weights=need_weights, final_state=final_state, recompute=self.recompute,
+        )  # fmt: skip
+
+    def _causal_projection(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The causal scan's (3C, C) projection [W_q / √d; W_k'; W_v'], its bias, and the value bias.
+
+        With ``cluster_norm``, the keys and values are those of the centred tokens scaled by the norm's
+        weight: W_k (γ ⊙ (x - mean x)) = (W_k diag γ - its row means) x. The norm's bias reaches the
+        output through ``v`` (the value bias W_v β + b_v); k's bias is the same for every cluster, so
+        the softmax over clusters drops it. Without gradients (decoding) the result is cached until a
+        weight changes, so a one-token step does not rebuild it.
+        """
+        norm = self.cluster_norm if isinstance(self.cluster_norm, nn.LayerNorm) else None
+        sources = [self.q.weight, self.q.bias, self.k.weight, self.v.weight, self.v.bias]
+        sources += [] if norm is None else [norm.weight, norm.bias]
+        key = [(t, t._version) for t in sources if t is not None]
+        cached = getattr(self, "_projection_cache", None)
+        if not torch.is_grad_enabled() and cached is not None and _same_tensors(cached[0], key):
+            return cached[1]
         w_k, w_v = self.k.weight, self.v.weight
         if norm is not None:
             w_k, w_v = (w * norm.weight for w in (w_k, w_v))
             w_k, w_v = (w - w.mean(-1, keepdim=True) for w in (w_k, w_v))
         scale = self.head_dim**-0.5
         bias = None if self.q.bias is None else F.pad(self.q.bias * scale, (0, 2 * self.dim))
-        q, keys, values = F.linear(x, torch.cat([self.q.weight * scale, w_k, w_v]), bias).split(self.dim, dim=-1)
-        tokens = None if norm is None else x - x.mean(-1, keepdim=True)
         value_bias = self.v.bias if norm is None else self.v(norm.bias)
-        dropout_p = self.attn_drop_p if self.training else 0.0
-        return causal_cluster_attention(
-            q, keys, values, logits, self.num_heads, tokens=tokens, eps=0.0 if norm is None else norm.eps,
-            value_bias=value_bias, state=state, chunk_size=self.chunk_size, dropout_p=dropout_p,
-            need_weights=need_weights, final_state=final_state,
-        )  # fmt: skip
+        result = (torch.cat([self.q.weight * scale, w_k, w_v]), bias, value_bias)
+        self._projection_cache = None if torch.is_grad_enabled() else (key, result)
+        return result
 
     def _step_full_attention(self, x: Tensor, keep: Tensor | None, cache: KVCache | None) -> tuple[Tensor, KVCache]:
         """One decoding step of causal full attention (M = 0) with a growing KV cache."""

@@ -48,7 +48,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from tocalib._scan import BLOCK, PAD_LOGIT, Scan, ScanConfig, scan_forward
+from tocalib._scan import BLOCK, PAD_LOGIT, Scan, ScanConfig, decode_one, scan_forward
 
 __all__ = ["BLOCK", "PAD_LOGIT", "ClusterState", "KVCache", "causal_cluster_attention", "causal_cluster_macs"]
 
@@ -120,6 +120,7 @@ def causal_cluster_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     final_state: bool = True,
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor | None, ClusterState | None]:
     """Causal attention from N positions to their prefix clusters, chunk by chunk.
 
@@ -137,6 +138,8 @@ def causal_cluster_attention(
         dropout_p: dropout on the attention weights over the clusters (pass 0 in evaluation).
         need_weights: also return the (B, h, N, M) attention weights (not differentiable).
         final_state: compute the state after the last position (False skips the last chunk's update).
+        recompute: for the backward pass keep only the state before each block and recompute the rest
+            (training memory O(N·C) instead of O(N·(C + h·M + h·T + M·C/T)), one forward pass slower).
 
     Returns:
         ``(out, weights, state)``: out (B, N, C) in the queries' dtype (heads merged, before the output
@@ -144,8 +147,8 @@ def causal_cluster_attention(
 
     The work runs in blocks of about :data:`BLOCK` positions, each a batch of whole chunks, so no
     temporary grows with N, inside one autograd function with a hand-written backward pass. Training
-    keeps O(C + h·M + h·T + M·C/T) floats per position for it. Gradients flow to every input and to the
-    state; a second derivative is not implemented (it raises).
+    keeps O(C + h·M + h·T + M·C/T) floats per position for it (O(C) with ``recompute``). Gradients
+    flow to every input and to the state; a second derivative is not implemented (it raises).
     """
     b, n, c = queries.shape
     m = logits.shape[1]
@@ -158,16 +161,21 @@ def causal_cluster_attention(
         weights = queries.new_zeros(b, num_heads, 0, m) if need_weights else None
         return queries.new_zeros(b, 0, c), weights, state if final_state else None
     logits = logits.to(f32).clamp_min(PAD_LOGIT)
-    log_norm = torch.logcumsumexp(torch.cat([start.unsqueeze(-1), logits], dim=-1), dim=-1)  # (B, M, N + 1)
+    config = ScanConfig(num_heads, min(chunk_size, n), eps, dropout_p, need_weights, final_state, recompute)
     streams = [queries.to(f32), keys.to(f32), values.to(f32), None if tokens is None else tokens.to(f32)]
-    config = ScanConfig(num_heads, min(chunk_size, n), eps, dropout_p, need_weights, final_state)
     bias = None if value_bias is None else value_bias.to(f32)
+    if n == 1:  # decoding one position: the recurrent form
+        with torch.autocast(queries.device.type, enabled=False):
+            out, weights, end, pooled = decode_one(config, *streams, logits, start, pooled, bias)
+        next_state = ClusterState(end, pooled.transpose(-1, -2)) if final_state else None
+        return out.to(queries.dtype), weights.to(queries.dtype) if need_weights else None, next_state
+    log_norm = torch.logcumsumexp(torch.cat([start.unsqueeze(-1), logits], dim=-1), dim=-1)  # (B, M, N + 1)
     inputs = (*streams, logits, log_norm[..., :-1], log_norm[..., 1:], pooled, bias)
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if differentiable and not torch.jit.is_tracing():
         out, weights, pooled = Scan.apply(config, *inputs)
     else:  # inference, or a trace (fvcore's MAC count), which sees the operators themselves
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(queries.device.type, enabled=False):
             out, weights, pooled = scan_forward(config, *inputs)
     out, weights = out.to(queries.dtype), weights.to(queries.dtype)
     next_state = ClusterState(log_norm[..., -1], pooled.transpose(-1, -2)) if final_state else None
@@ -185,10 +193,14 @@ def causal_cluster_macs(
 ) -> int:
     """Multiply-accumulates of :func:`causal_cluster_attention` on one sequence of ``num_tokens`` positions.
 
-    The positions are padded to whole chunks of T = min(chunk_size, N), so the count is chunks × (cost
-    of one chunk), less one chunk's state update without ``final_state``: linear in N once N ≥ T.
+    N = 1 is the recurrent form (scores and values against the M clusters of the updated state: 2·M·C).
+    Otherwise the positions are padded to whole chunks of T = min(chunk_size, N), so the count is
+    chunks × (cost of one chunk), less one chunk's state update without ``final_state``: linear in N
+    from N = T on.
     """
     n, c, m, h = num_tokens, dim, num_clusters, num_heads
+    if n <= 1:
+        return 2 * n * m * c
     t = min(chunk_size, n)
     chunks = -(-n // t)
     update = m * t * (3 if cluster_norm else 2) * c

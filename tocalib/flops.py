@@ -62,6 +62,7 @@ _MAC_FREE_NAMES = (
     "le",
     "log",
     "log_softmax",
+    "logaddexp",
     "logcumsumexp",
     "logical_and",
     "logical_not",
