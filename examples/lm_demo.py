@@ -15,13 +15,15 @@ comes the attention, then an MLP. Generation decodes one character at a time wit
 KV cache that grows by one entry per character.
 
 Run ``python examples/lm_demo.py`` (or ``nox -s demo_lm``, which installs ``bible-kjv`` when it is
-missing). It writes ``results.md``, ``results.json``, ``samples.txt`` and ``assignments.png`` to
-``outputs/lm_demo/``. It needs the ``bible`` program and, for the picture, matplotlib.
+missing). It writes ``results.md``, ``results.json``, ``samples.txt``, ``assignments.png`` and the
+trained weights (``toca.pt``, ``full.pt``) to ``outputs/lm_demo/``. It needs the ``bible`` program and,
+for the picture, matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -30,7 +32,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,9 @@ class Corpus:
 
     def encode(self, text: str) -> Tensor:
         index = {ch: i for i, ch in enumerate(self.alphabet)}
+        unknown = sorted(set(text) - set(index))
+        if unknown:
+            raise ValueError(f"characters {unknown} are not in the corpus' alphabet {self.alphabet!r}")
         return torch.tensor([index[ch] for ch in text], dtype=torch.long)
 
     def decode(self, ids: Tensor) -> str:
@@ -137,7 +142,7 @@ class ShortConv(nn.Module):
         if past is None:
             past = x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
         joined = torch.cat([past, x], dim=1)
-        return self.conv(joined.transpose(1, 2)).transpose(1, 2), joined[:, 1 - self.width :]
+        return self.conv(joined.transpose(1, 2)).transpose(1, 2), joined[:, 1 - self.width :].clone()
 
 
 class Block(nn.Module):
@@ -180,6 +185,8 @@ class CharLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)  # logits start near 0: about log2(V) bits per character
 
     def forward(self, ids: Tensor, caches: list | None = None) -> tuple[Tensor, list | None]:
+        """A parallel forward without ``caches``; a decoding step with them (``[]`` at the start of a
+        sequence), which returns the caches for the next step."""
         x = self.embed(ids)
         new_caches = None if caches is None else []
         for i, block in enumerate(self.blocks):
@@ -204,18 +211,28 @@ def learning_rate(config: Config, step: int) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode and no autograd inside; the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def bits_per_character(model: CharLM, text: Tensor, context: int, windows: int) -> float:
     """Mean next-character cross-entropy in bits over the first ``windows`` non-overlapping windows."""
     count = min(windows, (len(text) - 1) // context)
     starts = torch.arange(count) * context
     ids = text[starts.unsqueeze(-1) + torch.arange(context + 1)]
-    model.eval()
     total = 0.0
-    with torch.inference_mode():
+    with evaluating(model):
         for rows in ids.split(8):
             logits, _ = model(rows[:, :-1])
             total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
-    model.train()
     return total / (count * context) / math.log(2)
 
 
@@ -277,21 +294,19 @@ def train(model: CharLM, data: Tensor, config: Config, log: Callable[[str], None
     run.train_tokens_per_s = config.steps * config.batch_size * config.context / run.train_seconds
 
 
-@torch.inference_mode()
 def generate(model: CharLM, prompt: Tensor, length: int, seed: int, temperature: float = 0.8) -> tuple[Tensor, float]:
     """Sample ``length`` characters after ``prompt`` (1-D) with the step decoder: (ids, tokens/s of the sampling)."""
-    model.eval()
     gen = torch.Generator().manual_seed(seed)
-    logits, caches = model(prompt.unsqueeze(0), [])  # the prefix in one step call
-    out = []
-    start = time.perf_counter()
-    for _ in range(length):
-        probs = (logits[0, -1] / temperature).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=gen)
-        out.append(token)
-        logits, caches = model(token.view(1, 1), caches)
-    rate = length / (time.perf_counter() - start)
-    model.train()
+    with evaluating(model):
+        logits, caches = model(prompt.unsqueeze(0), [])  # the prefix in one step call
+        out = []
+        start = time.perf_counter()
+        for _ in range(length):
+            probs = (logits[0, -1] / temperature).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=gen)
+            out.append(token)
+            logits, caches = model(token.view(1, 1), caches)
+        rate = length / (time.perf_counter() - start)
     return torch.cat(out), rate
 
 
@@ -312,12 +327,10 @@ def measure(model: CharLM, corpus: Corpus, config: Config, run: Run, log: Callab
     run.sample = corpus.decode(prompt) + corpus.decode(sample)
     long_prefix = corpus.valid[: config.long_context]
     _, run.long_generate_tokens_per_s = generate(model, long_prefix, 64, config.seed)
-    with torch.inference_mode():
-        model.eval()
+    with evaluating(model):
         _, caches = model(long_prefix.unsqueeze(0), [])
         run.decoding_state_bytes = state_bytes(caches)
         run.long_forward_peak_bytes = peak_bytes(lambda: model(long_prefix.unsqueeze(0)))
-        model.train()
     rows = corpus.train[: config.batch_size * (config.context + 1)].view(config.batch_size, -1)
 
     def step() -> None:
@@ -415,6 +428,8 @@ def run(config: Config, out: Path, verses: list[tuple[str, str]]) -> list[Run]:
     payload = {"header": header, "config": dataclasses.asdict(config), "runs": [dataclasses.asdict(r) for r in runs]}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     (out / "samples.txt").write_text("\n\n".join(f"{r.name}:\n{r.sample}" for r in runs) + "\n")
+    for r in runs:  # the trained weights, e.g. for more pictures or for sampling: CharLM(config, V, M)
+        torch.save(models[r.name].state_dict(), out / f"{'toca' if r.clusters else 'full'}.pt")
     picture = cluster_picture(models[runs[0].name], corpus, out / "assignments.png")
     print(text)
     print("wrote", ", ".join(str(p) for p in (out / "results.md", out / "results.json", picture) if p))

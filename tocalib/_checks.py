@@ -13,12 +13,15 @@ if TYPE_CHECKING:
     from tocalib.attention import ToCaAttention
 
 
-def _check_tokens(name: str, t: Tensor, dim: int) -> None:
+_LAYOUT_HINT = (
+    "; for an image feature map (B, C, H, W) pass x.flatten(2).transpose(1, 2) and size=(H, W); "
+    "for packed sequences pass cu_seqlens"
+)
+
+
+def _check_tokens(name: str, t: Tensor, dim: int, hint: str = _LAYOUT_HINT) -> None:
     if t.dim() != 3 or t.shape[-1] != dim:
-        raise ValueError(
-            f"{name} must have shape (B, N, C) with C = dim = {dim}, got {tuple(t.shape)}; for an image feature "
-            f"map (B, C, H, W) pass x.flatten(2).transpose(1, 2) and size=(H, W); for packed sequences pass cu_seqlens"
-        )
+        raise ValueError(f"{name} must have shape (B, N, C) with C = dim = {dim}, got {tuple(t.shape)}{hint}")
 
 
 def check_inputs(
@@ -53,9 +56,14 @@ def _keep(key_padding_mask: Tensor | None, b: int, length: int) -> Tensor | None
     if key_padding_mask is None:
         return None
     if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, length):
+        advice = (
+            "convert with `mask.bool()` (a Hugging Face attention_mask, 1 = real token, is `~attention_mask.bool()`)"
+            if key_padding_mask.dtype != torch.bool
+            else "pass one entry per clustered token"
+        )
         raise ValueError(
             f"key_padding_mask must be a bool tensor of shape (B, L) = {(b, length)} over the clustered tokens, with "
-            f"True = padding, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}; convert with `mask.bool()`"
+            f"True = padding, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}; {advice}"
         )
     return ~key_padding_mask
 
@@ -66,7 +74,7 @@ def check_step(
     """Validate a :meth:`ToCaAttention.step` call; return ``keep`` (B, T) bool or None."""
     if not layer.causal:
         raise ValueError("step() decodes causally: build the layer with causal=True")
-    _check_tokens("x", x, layer.dim)
+    _check_tokens("x", x, layer.dim, hint=": the new positions of B sequences")
     b, t, _ = x.shape
     if t < 1:
         raise ValueError(f"step() needs at least one new position, got x of shape {tuple(x.shape)}")
@@ -82,11 +90,22 @@ def check_step(
                 f"step() needs to know how many past tokens the clustering {type(layer.clustering).__name__} reads: "
                 "give it an int attribute causal_lookback (0 for a per-token function)"
             )
-        if state is not None and tuple(state.log_normalizer.shape) != (b, layer.num_clusters):
-            raise ValueError(
-                f"state is for batch and clusters {tuple(state.log_normalizer.shape)}, but x has batch {b} and "
-                f"the layer {layer.num_clusters} clusters; pass the state of this layer and batch"
-            )
+        if state is not None:
+            width = (3 if isinstance(layer.cluster_norm, torch.nn.LayerNorm) else 2) * layer.dim
+            lookback = layer.clustering.causal_lookback
+            m = layer.num_clusters
+            expected = [(b, m), (b, m, width), (b, lookback, layer.dim) if lookback else None]
+            expected.append((b, lookback) if lookback else None)
+            found = [tuple(state.log_normalizer.shape), tuple(state.pooled.shape)]
+            found += [None if t is None else tuple(t.shape) for t in (state.window, state.window_padding)]
+            if found != expected:
+                raise ValueError(
+                    f"state has shapes (log_normalizer, pooled, window, window_padding) {found}, but this layer and x "
+                    f"need {expected}; "
+                    "pass the state this layer returned for this batch"
+                )
     elif state is not None and state.keys.shape[0] != b:
         raise ValueError(f"the KV cache holds batch size {state.keys.shape[0]} but x has {b}")
+    if state is not None and next(iter(vars(state).values())).device != x.device:
+        raise ValueError(f"state is on another device than x ({x.device}): move it with state.to(x.device)")
     return _keep(key_padding_mask, b, t)

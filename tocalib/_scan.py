@@ -3,8 +3,8 @@
 The sequence is processed in blocks of about :data:`BLOCK` positions. Every block is a batch of whole
 chunks of T positions (B, K, T, ·). The only sequential steps are the (B, F, M) state update from one
 chunk to the next and the norm recursion over the T positions of a chunk. :class:`Scan` is an autograd
-function with a hand-written backward pass. It undoes each block's forward in reverse, and a test holds
-it equal to autograd through the prefix definition (to 1e-15 in float64).
+function with a hand-written backward pass. It undoes each block's forward in reverse. In float64 it
+agrees with autograd through the prefix definition to about 1e-14, and a test holds it to 1e-10.
 
 Within a chunk, W[t, m, s] = a_t[m, s] = exp(l_s - L_t) weighs every intra-chunk product. It is either
 factored into two GEMM operands (:class:`FactoredWeights`, the fast path) or materialised
@@ -54,15 +54,17 @@ class Scan(torch.autograd.Function):
             out, weights, pooled, blocks = scan_forward(config, *inputs, keep=True)
         ctx.config, ctx.blocks = config, blocks  # intermediates, neither inputs nor outputs: kept on ctx
         ctx.save_for_backward(*inputs)
-        ctx.mark_non_differentiable(weights)
+        if not config.need_weights:
+            ctx.mark_non_differentiable(weights)  # an empty placeholder
         return out, weights, pooled
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out: Tensor, _: Tensor, d_pooled: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx, d_out: Tensor, d_weights: Tensor, d_pooled: Tensor) -> tuple[Tensor | None, ...]:
         inputs = ctx.saved_tensors
+        d_weights = d_weights if ctx.config.need_weights else None
         with torch.autocast(inputs[0].device.type, enabled=False):
-            grads = _scan_backward(ctx.config, inputs, ctx.blocks, d_out, d_pooled)
+            grads = _scan_backward(ctx.config, inputs, ctx.blocks, d_out, d_weights, d_pooled)
         return (None, *(None if t is None else g for g, t in zip(grads, inputs, strict=True)))
 
 
@@ -408,9 +410,10 @@ def _norm_forward(
 
 
 def _scan_backward(
-    config: ScanConfig, inputs: tuple, blocks: list, d_out: Tensor, d_pooled: Tensor | None
+    config: ScanConfig, inputs: tuple, blocks: list, d_out: Tensor, d_weights: Tensor | None, d_pooled: Tensor | None
 ) -> list[Tensor | None]:
-    """Gradients of :func:`scan_forward`'s inputs, block by block from the last."""
+    """Gradients of :func:`scan_forward`'s inputs, block by block from the last; ``d_weights`` (B, h, N, M)
+    is the gradient of the returned attention weights (with ``need_weights``)."""
     q, k, v, x, logits, before, here, pooled, bias = inputs
     grads = [torch.empty_like(t) if t is not None else None for t in (q, k, v, x, logits, before, here)]
     d_state = torch.zeros_like(pooled) if d_pooled is None else d_pooled.contiguous()
@@ -421,9 +424,14 @@ def _scan_backward(
             fwd = _block_forward(config, parts, start, bias, mask, update)
         else:
             parts, fwd = kept
-        d_block = F.pad(d_out[:, lo:hi], (0, 0, 0, parts.chunks * config.chunk - (hi - lo)))
+        pad = parts.chunks * config.chunk - (hi - lo)
+        d_block = F.pad(d_out[:, lo:hi], (0, 0, 0, pad))
         d_block = d_block.view(q.shape[0], parts.chunks, config.chunk, config.heads, -1).transpose(2, 3)
-        d_state, pieces, db = _block_backward(config, parts, fwd, bias, mask, update, d_block, d_state)
+        d_probs = None
+        if d_weights is not None:  # (B, h, n, M) → (B, K, T, h, M)
+            d_probs = F.pad(d_weights[:, :, lo:hi].transpose(1, 2), (0, 0, 0, 0, 0, pad))
+            d_probs = d_probs.unflatten(1, (parts.chunks, -1))
+        d_state, pieces, db = _block_backward(config, parts, fwd, bias, mask, update, d_block, d_state, d_probs)
         if d_bias is not None:
             d_bias += db
         _scatter_block(grads, pieces, lo, hi)
@@ -464,10 +472,12 @@ def _block_backward(
     update: bool,
     d_out: Tensor,
     d_state: Tensor,
+    d_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-    """Backward of :func:`_block_forward`: d_out (B, K, h, T, d), d_state (B, M, F) the gradient of the
-    state after the block. Returns the gradient of the state before it, the inputs' gradients in chunk
-    layouts, and the value bias' gradient."""
+    """Backward of :func:`_block_forward`: d_out (B, K, h, T, d), d_state (B, F, M) the gradient of the
+    state after the block, d_weights (B, K, T, h, M) that of the returned attention weights (or None).
+    Returns the gradient of the state before it, the inputs' gradients in chunk layouts, and the value
+    bias' gradient."""
     b, chunks, h, t, d = z.q.shape
     c = h * d
     normed = fwd.norm is not None
@@ -500,6 +510,8 @@ def _block_backward(
         if d_dropped is not None:
             d_drop = d_drop + d_dropped
         d_probs = d_drop if mask is None else d_drop * mask / (1 - config.dropout_p)
+        if d_weights is not None:
+            d_probs = d_probs + d_weights
         d_scores = fwd.probs * (d_probs - (fwd.probs * d_probs).sum(-1, keepdim=True))
         if not normed:
             return d_scores, None

@@ -54,9 +54,8 @@ class ToCaIntermediates:
     attn_weights: Tensor | None = None
 
 
-def _same_tensors(cached: list[tuple[Tensor, int]], now: list[tuple[Tensor, int]]) -> bool:
-    """Whether two lists of (tensor, version) name the same tensors, unmodified."""
-    return len(cached) == len(now) and all(a is b and u == v for (a, u), (b, v) in zip(cached, now, strict=True))
+def _or_zero(t: Tensor | None) -> Tensor | float:
+    return 0.0 if t is None else t
 
 
 class ToCaAttention(nn.Module):
@@ -78,13 +77,15 @@ class ToCaAttention(nn.Module):
         causal: position t attends only to clusters pooled from tokens ≤ t, exactly the non-causal layer
             run on the prefix ``x[:, :t+1]`` (needs a clustering whose logit for token s uses tokens ≤ s:
             ``linear``, ``mlp`` or ``conv1d`` with ``clustering_kwargs={"causal": True}``). Computed as a
-            chunked scan with an M × C carried state (:mod:`tocalib.causal`), in O(C² + M·C + T·C) per
-            position for chunk size T; :meth:`step` decodes with that state. With ``num_clusters=0`` it is
-            causal full attention (SDPA's ``is_causal``), and :meth:`step` keeps a KV cache.
-        chunk_size: T, positions per chunk of the causal scan.
+            chunked scan with a carried state of M cluster entries (:mod:`tocalib.causal`), in
+            O(C² + M·C + T·C + h·M·T) per position for chunk size T; :meth:`step` decodes with that
+            state. With ``num_clusters=0`` it is causal full attention (SDPA's ``is_causal``), and
+            :meth:`step` keeps a KV cache.
+        chunk_size: T, positions per chunk of the causal scan. The default 64 balances the intra-chunk
+            work (∝ T) against the carried state read per chunk (∝ M·C / T); 32–128 are all reasonable.
         recompute: causal layers: keep only the scan's state between blocks for the backward pass and
-            recompute the rest there (training memory O(N·C) instead of O(N·(C + h·M + h·T + M·C/T)),
-            one more forward pass of the scan).
+            recompute the rest there (training memory O(N·(C + M)) instead of
+            O(N·(C + h·M + h·T + M·C/T)), one more forward pass of the scan).
 
     Example:
         >>> attn = ToCaAttention(dim=64, num_heads=4, num_clusters=8)
@@ -210,8 +211,14 @@ class ToCaAttention(nn.Module):
             else:
                 kv = source
             attn_mask = None if self.num_clusters else self._full_attention_mask(keep, x.shape[1], source.shape[1])
+            is_causal = self.causal and not self.num_clusters and attn_mask is None  # self-attention: N = L
             out, record.attn_weights = self._attend(
-                self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv)), attn_mask, need_weights
+                self._heads(self.q(x)),
+                self._heads(self.k(kv)),
+                self._heads(self.v(kv)),
+                attn_mask,
+                need_weights,
+                is_causal,
             )
             out = out.transpose(-3, -2).flatten(-2)
         y = self.proj_drop(self.proj(out))
@@ -226,14 +233,19 @@ class ToCaAttention(nn.Module):
 
         ``step`` over any split of a sequence gives the parallel forward's outputs (up to float rounding).
         For M > 0 the state is a :class:`~tocalib.causal.ClusterState` of fixed size, O(M·C) per layer
-        (a cache of M cluster entries instead of N tokens), and a token costs O(C² + h·M·C) whatever
-        its position. For ``num_clusters=0`` it is a :class:`~tocalib.causal.KVCache`, which grows by
-        one entry per position.
+        (a cache of M cluster entries instead of N tokens), and a token costs O(C² + M·C) (the
+        projections, the clustering, scores and values against the M clusters) whatever its position.
+        For ``num_clusters=0`` it is a :class:`~tocalib.causal.KVCache`, which grows by one entry per
+        position.
 
         Args:
             x: (B, T, C) the new positions.
             state: what the previous call returned, or None at the start of a sequence.
             key_padding_mask: (B, T) bool, True at padded new positions (they never enter a cluster).
+
+        Padded new positions are zeroed, as in the forward pass; a clustering that looks back (a causal
+        conv1d) sees those zeros in its window, and a clustering that reads ``key_padding_mask`` is told
+        which of its window's tokens were padding.
 
         Returns:
             ``(y, state)``: y (B, T, C), and the state after the new positions.
@@ -252,17 +264,22 @@ class ToCaAttention(nn.Module):
         if not self.num_clusters:
             return self._step_full_attention(x, keep, state)
         lookback = self.clustering.causal_lookback
-        window = None
-        if lookback:
-            past = x.new_zeros(x.shape[0], lookback, self.dim) if state is None else state.window
+        window = window_padding = None
+        if lookback:  # the clustering looks back: the last inputs (zeros, marked padding, at the start)
+            b = x.shape[0]
+            if state is None:
+                past, past_padding = x.new_zeros(b, lookback, self.dim), x.new_ones(b, lookback, dtype=torch.bool)
+            else:
+                past, past_padding = state.window, state.window_padding
             joined = torch.cat([past, x], dim=1)
-            mask = None if key_padding_mask is None else F.pad(key_padding_mask, (lookback, 0), value=False)
-            logits = self.clustering(joined, key_padding_mask=mask)[..., lookback:]
-            window = joined[:, -lookback:]
+            new_padding = x.new_zeros(b, x.shape[1], dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+            joined_padding = torch.cat([past_padding, new_padding], dim=1)
+            logits = self.clustering(joined, key_padding_mask=joined_padding)[..., lookback:]
+            window, window_padding = joined[:, -lookback:].clone(), joined_padding[:, -lookback:].clone()
         else:
             logits = self._logits(x, None, key_padding_mask)
         out, _, core = self._causal_scan(x, logits, keep, state, False, final_state=True)
-        return self.proj_drop(self.proj(out)), ClusterState(core.log_normalizer, core.pooled, window)
+        return self.proj_drop(self.proj(out)), ClusterState(core.log_normalizer, core.pooled, window, window_padding)
 
     def _causal_scan(
         self,
@@ -275,15 +292,14 @@ class ToCaAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None, ClusterState | None]:
         """Causal ToCa on tokens x (B, N, C) with their logits (B, M, N): ``(out (B, N, C), weights, state)``.
 
-        The tokens are projected before they are pooled (see :mod:`tocalib.causal`), by one matrix
-        product for q, k and v (:meth:`_causal_projection`).
+        The tokens are projected before they are pooled (see :mod:`tocalib.causal` and
+        :meth:`_causal_projection`).
         """
-        if keep is not None:
+        if keep is not None:  # in the scan's dtype: a float16 tensor cannot hold the sentinel
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             logits = logits.masked_fill(~keep.unsqueeze(1), PAD_LOGIT)
         norm = self.cluster_norm if isinstance(self.cluster_norm, nn.LayerNorm) else None
-        weight, bias, value_bias = self._causal_projection()
-        q, keys, values = F.linear(x, weight, bias).split(self.dim, dim=-1)
-        tokens = None if norm is None else x - x.mean(-1, keepdim=True)
+        q, keys, values, tokens, value_bias = self._causal_projection(x)
         dropout_p = self.attn_drop_p if self.training else 0.0
         return causal_cluster_attention(
             q, keys, values, logits, self.num_heads, tokens=tokens, eps=0.0 if norm is None else norm.eps,
@@ -291,32 +307,35 @@ class ToCaAttention(nn.Module):
             need_weights=need_weights, final_state=final_state, recompute=self.recompute,
         )  # fmt: skip
 
-    def _causal_projection(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The causal scan's (3C, C) projection [W_q / √d; W_k'; W_v'], its bias, and the value bias.
+    def _causal_projection(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The causal scan's token projections of x (B, N, C): q / √d, keys, values (B, N, C) each, the
+        centred tokens (with ``cluster_norm``, else None) and the value bias.
 
         With ``cluster_norm``, the keys and values are those of the centred tokens scaled by the norm's
-        weight: W_k (γ ⊙ (x - mean x)) = (W_k diag γ - its row means) x. The norm's bias reaches the
-        output through ``v`` (the value bias W_v β + b_v); k's bias is the same for every cluster, so
-        the softmax over clusters drops it. Without gradients (decoding) the result is cached until a
-        weight changes, so a one-token step does not rebuild it.
+        weight, W_k (γ ⊙ (x - mean x)). For many positions that is folded into one (3C, C) product with
+        q: W_k (γ ⊙ (x - mean x)) = (W_k diag γ - its row means) x. For a few (decoding), building that
+        weight would cost more than the products, so the centred tokens are projected directly. The
+        norm's bias reaches the output through ``v`` (the value bias W_v β + b_v). k's bias is the same
+        for every cluster, so the softmax over clusters drops it: its gradient is exactly 0, and it enters
+        with weight 0 so that it still belongs to the graph (as DDP expects of every parameter).
         """
         norm = self.cluster_norm if isinstance(self.cluster_norm, nn.LayerNorm) else None
-        sources = [self.q.weight, self.q.bias, self.k.weight, self.v.weight, self.v.bias]
-        sources += [] if norm is None else [norm.weight, norm.bias]
-        key = [(t, t._version) for t in sources if t is not None]
-        cached = getattr(self, "_projection_cache", None)
-        if not torch.is_grad_enabled() and cached is not None and _same_tensors(cached[0], key):
-            return cached[1]
-        w_k, w_v = self.k.weight, self.v.weight
-        if norm is not None:
-            w_k, w_v = (w * norm.weight for w in (w_k, w_v))
-            w_k, w_v = (w - w.mean(-1, keepdim=True) for w in (w_k, w_v))
         scale = self.head_dim**-0.5
-        bias = None if self.q.bias is None else F.pad(self.q.bias * scale, (0, 2 * self.dim))
-        value_bias = self.v.bias if norm is None else self.v(norm.bias)
-        result = (torch.cat([self.q.weight * scale, w_k, w_v]), bias, value_bias)
-        self._projection_cache = None if torch.is_grad_enabled() else (key, result)
-        return result
+        tokens = None if norm is None else x - x.mean(-1, keepdim=True)
+        if 4 * x.shape[1] >= self.dim:
+            w_k, w_v = self.k.weight, self.v.weight
+            if norm is not None:
+                w_k, w_v = (w * norm.weight for w in (w_k, w_v))
+                w_k, w_v = (w - w.mean(-1, keepdim=True) for w in (w_k, w_v))
+            bias = None if self.q.bias is None else F.pad(self.q.bias * scale, (0, 2 * self.dim))
+            q, keys, values = F.linear(x, torch.cat([self.q.weight * scale, w_k, w_v]), bias).split(self.dim, -1)
+        else:
+            scaled = x if norm is None else tokens * norm.weight
+            q, keys, values = self.q(x) * scale, F.linear(scaled, self.k.weight), F.linear(scaled, self.v.weight)
+        value_bias = self.v.bias if norm is None else (self.v.weight * norm.bias).sum(-1) + _or_zero(self.v.bias)
+        if self.k.bias is not None:
+            value_bias = _or_zero(value_bias) + 0.0 * self.k.bias
+        return q, keys, values, tokens, value_bias
 
     def _step_full_attention(self, x: Tensor, keep: Tensor | None, cache: KVCache | None) -> tuple[Tensor, KVCache]:
         """One decoding step of causal full attention (M = 0) with a growing KV cache."""
@@ -331,7 +350,8 @@ class ToCaAttention(nn.Module):
             new = torch.ones_like(x[..., 0], dtype=torch.bool) if keep is None else keep
             keep_all = torch.cat([old, new], dim=1)
         mask = self._full_attention_mask(keep_all, x.shape[1], keys.shape[1])
-        out, _ = self._attend(self._heads(self.q(x)), self._heads(keys), self._heads(values), mask, False)
+        is_causal = mask is None and x.shape[1] == keys.shape[1]  # the first call; else one position or a mask
+        out, _ = self._attend(self._heads(self.q(x)), self._heads(keys), self._heads(values), mask, False, is_causal)
         return self.proj_drop(self.proj(out.transpose(-3, -2).flatten(-2))), KVCache(keys, values, keep_all)
 
     def _cluster(
@@ -389,27 +409,26 @@ class ToCaAttention(nn.Module):
             allowed = allowed.tril(length - n)
         if keep is not None:
             allowed = allowed & keep[:, None, None, :]
-        # a query with no allowed key would get NaN: it attends to everything allowed causally instead
-        return allowed | (~allowed.any(-1, keepdim=True) & torch.ones_like(allowed).tril(length - n))
+        # a query with no allowed key would get NaN: it attends to every key it could see without padding
+        visible = torch.ones_like(allowed).tril(length - n) if causal else torch.ones_like(allowed)
+        return allowed | (~allowed.any(-1, keepdim=True) & visible)
 
     def _heads(self, t: Tensor) -> Tensor:
         """(..., L, C) → (..., heads, L, head_dim)."""
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
     def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, need_weights: bool
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, need_weights: bool, is_causal: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Scaled dot-product attention: SDPA by default, explicit matmuls when weights are needed.
 
-        A causal layer without a mask attends causally (``is_causal``) when queries and keys have one length.
+        ``is_causal`` (queries and keys of one length, no ``attn_mask``) is SDPA's fused causal attention.
         """
-        n, length = q.shape[-2], k.shape[-2]
-        is_causal = self.causal and not self.num_clusters and attn_mask is None and n == length > 1
         if not need_weights:
             dropout_p = self.attn_drop_p if self.training else 0.0
             return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal), None
         if is_causal:
-            attn_mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril()
+            attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -429,7 +448,8 @@ class ToCaAttention(nn.Module):
         length = n if context_tokens is None else context_tokens
         total = 2 * n * c * c  # q and proj
         if m == 0:
-            return total + 2 * length * c * c + 2 * n * length * c  # k, v on the tokens; QKᵀ and AV
+            pairs = n * (n + 1) // 2 if self.causal else n * length  # a causal kernel skips the masked pairs
+            return total + 2 * length * c * c + 2 * pairs * c  # k, v on the tokens; QKᵀ and AV
         if computes_assignment is None:
             computes_assignment = self.clustering is not None
         if computes_assignment and self.clustering is None:
@@ -438,7 +458,7 @@ class ToCaAttention(nn.Module):
         if self.causal:
             normed = isinstance(self.cluster_norm, nn.LayerNorm)
             scan = causal_cluster_macs(n, c, self.num_heads, m, self.chunk_size, normed)
-            return total + 2 * n * c * c + clustering + scan + (c * c if normed else 0)  # k, v on tokens; v(β)
+            return total + 2 * n * c * c + clustering + scan  # q and proj, k and v on the tokens, the scan
         total += 2 * m * c * c + 2 * n * m * c  # k, v on clusters; QKᵀ and AV
         if isinstance(self.cluster_norm, nn.LayerNorm):
             total += 5 * m * c

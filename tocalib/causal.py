@@ -24,7 +24,10 @@ make that possible:
 positions are cut into chunks of T. Within a chunk every term is a (T, T) block weighted by
 W[t, m, s] = a_t[m, s]. Across chunks a carried state holds, per cluster, the log-normaliser L and
 the prefix averages of the token keys, values and centred tokens (M × 3C). Only that (B, M, 3C)
-update runs sequentially over the chunks; everything else is batched over all chunks at once.
+update runs sequentially over the chunks; everything else is batched over all chunks at once. Within
+a chunk W factors as exp(l_s - c)·exp(c - L_t) for a reference c, which turns its products into GEMMs,
+as long as L rises by at most 60 within the chunk; a block where it rises more builds W itself
+(:mod:`tocalib._scan`). One new position, the usual decoding step, is the recurrence itself.
 
 Multiply-accumulates per position, h heads of width d = C / h:
   * the state update: 3·M·C;
@@ -34,31 +37,65 @@ Multiply-accumulates per position, h heads of width d = C / h:
 
 On top come the four C² projections and the clustering. No term is M·C² or M·T·C.
 
-**Numerics.** Every weight is exp(l_s - L_t) ≤ 1, taken directly from logits and log-normalisers. It is
-never a product of factors that could overflow or underflow. So logits that span hundreds of units
-inside one chunk give finite, exact results, the same guarantee a per-position running maximum gives.
-The scan runs in float32 for half-precision inputs (in float64 for float64 ones). Padding enters as a
-finite sentinel logit, not as -inf, so no -inf - -inf can form, forward or backward.
+**Numerics.** Every weight is exp(l_s - L_t) ≤ 1. It is taken directly from logits and log-normalisers
+(or, where that is exact, as a product of two factors bounded by e^60), never as a product that could
+overflow or underflow. So logits that span hundreds of units inside one chunk give finite results,
+the same guarantee a per-position running maximum gives. The scan runs in float32 for half-precision
+inputs (in float64 for float64 ones), with autocast off. Padding enters as a finite sentinel logit, not
+as -inf, so no -inf - -inf can form, forward or backward. One loss of accuracy is inherent to
+projecting before pooling. When a cluster's average of centred tokens nearly cancels (|Z̄| ≪ |x̄|),
+``cluster_norm`` divides two separately rounded sums, so the float32 error grows like eps·|x̄|/|Z̄|,
+where LayerNorm on the rounded Z would not. Use float64 where that matters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from tocalib._scan import BLOCK, PAD_LOGIT, Scan, ScanConfig, decode_one, scan_forward
 
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11
+
 __all__ = ["BLOCK", "PAD_LOGIT", "ClusterState", "KVCache", "causal_cluster_attention", "causal_cluster_macs"]
 
 
-@dataclass
-class ClusterState:
+class _DecodingState:
+    """Batch-wise tensor fields, with what beam search and device moves need."""
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Self:
+        return type(self)(*(None if t is None else fn(t) for t in (getattr(self, f.name) for f in fields(self))))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the state's tensors."""
+        tensors = (getattr(self, f.name) for f in fields(self))
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def select(self, index: Tensor) -> Self:
+        """The states of the batch rows ``index`` (1-D long), in that order, e.g. the beams kept at a step."""
+        return self._map(lambda t: t.index_select(0, index))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
+        """Moved to ``device``; floating fields cast to ``dtype`` (a bool mask stays bool)."""
+        return self._map(lambda t: t.to(device, dtype if dtype is not None and t.is_floating_point() else None))
+
+    def detach(self) -> Self:
+        """Detached from the autograd graph (truncated backpropagation through time)."""
+        return self._map(Tensor.detach)
+
+
+@dataclass(frozen=True)
+class ClusterState(_DecodingState):
     """What a causal ToCa layer carries between :meth:`~tocalib.ToCaAttention.step` calls.
 
     Its size is fixed by B, M and C, whatever the number of positions seen: a KV cache of M cluster
-    entries instead of N tokens.
+    entries instead of N tokens. It is never modified in place, so one state can be continued twice.
 
     Attributes:
         log_normalizer: (B, M) L[m] = log Σ exp l[m, s] over the real tokens seen so far (the sentinel
@@ -67,20 +104,18 @@ class ClusterState:
             centred tokens with ``cluster_norm`` (F = 3·C, or 2·C without it).
         window: (B, K, C) the last K inputs, for a clustering whose logits look K tokens back (a causal
             conv1d: K = kernel_size - 1), or None when K = 0.
+        window_padding: (B, K) bool, True where ``window`` holds padding (or the zeros before the first
+            token), or None when K = 0.
     """
 
     log_normalizer: Tensor
     pooled: Tensor
     window: Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the state's tensors."""
-        return _nbytes(self)
+    window_padding: Tensor | None = None
 
 
-@dataclass
-class KVCache:
+@dataclass(frozen=True)
+class KVCache(_DecodingState):
     """The decoding state of a causal layer with ``num_clusters=0`` (full attention): it grows with
     every position, as any KV cache does.
 
@@ -93,16 +128,6 @@ class KVCache:
     keys: Tensor
     values: Tensor
     keep: Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cache's tensors."""
-        return _nbytes(self)
-
-
-def _nbytes(state: ClusterState | KVCache) -> int:
-    tensors = (getattr(state, f.name) for f in fields(state))
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def causal_cluster_attention(
@@ -147,8 +172,10 @@ def causal_cluster_attention(
 
     The work runs in blocks of about :data:`BLOCK` positions, each a batch of whole chunks, so no
     temporary grows with N, inside one autograd function with a hand-written backward pass. Training
-    keeps O(C + h·M + h·T + M·C/T) floats per position for it (O(C) with ``recompute``). Gradients
-    flow to every input and to the state; a second derivative is not implemented (it raises).
+    keeps O(C + h·M + h·T + M·C/T) floats per position for it (O(C + M) with ``recompute``; M·T more
+    for a block whose logits rise so far that its intra-chunk weights are materialised). Gradients
+    flow to every input, to the state and to the returned weights; a second derivative is not
+    implemented for N > 1 (it raises).
     """
     b, n, c = queries.shape
     m = logits.shape[1]
@@ -178,7 +205,7 @@ def causal_cluster_attention(
         with torch.no_grad(), torch.autocast(queries.device.type, enabled=False):
             out, weights, pooled = scan_forward(config, *inputs)
     out, weights = out.to(queries.dtype), weights.to(queries.dtype)
-    next_state = ClusterState(log_norm[..., -1], pooled.transpose(-1, -2)) if final_state else None
+    next_state = ClusterState(log_norm[..., -1].clone(), pooled.transpose(-1, -2)) if final_state else None
     return out, weights if need_weights else None, next_state
 
 

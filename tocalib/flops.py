@@ -49,6 +49,7 @@ _MAC_FREE_NAMES = (
     "div",
     "div_",
     "dropout",
+    "embedding",
     "empty_like",
     "eq",
     "exp",
@@ -117,10 +118,15 @@ def _shape(value: Any) -> list[int]:
 
 
 def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
-    """``aten::scaled_dot_product_attention``: QKᵀ (L·S·E) plus AV (L·S·Ev) per batch-head."""
+    """``aten::scaled_dot_product_attention``: QKᵀ (L·S·E) plus AV (L·S·Ev) per batch-head; with
+    ``is_causal`` only the (query, key) pairs the causal mask keeps, Σ_t min(t + 1, S), as a causal
+    kernel computes them."""
     q, k, v = (_shape(t) for t in inputs[:3])
     batch = math.prod(q[:-2])
-    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+    causal = len(inputs) > 5 and inputs[5].toIValue() is True
+    queries, keys = q[-2], k[-2]
+    pairs = sum(min(t + 1, keys) for t in range(queries)) if causal else queries * keys
+    return batch * pairs * (q[-1] + v[-1])
 
 
 def _matmul_macs(inputs: list[Any], outputs: list[Any]) -> int:
@@ -239,16 +245,20 @@ def toca_macs(
     cluster_norm: bool = True,
     batch_size: int = 1,
     clustering_kwargs: dict[str, Any] | None = None,
+    causal: bool = False,
+    chunk_size: int = 64,
 ) -> int:
     """Closed-form MACs of a :class:`~tocalib.ToCaAttention` forward pass on ``batch_size``
     sequences of ``num_tokens`` tokens. ``clustering=None`` means the assignment is given (a block
-    that reuses an earlier one); ``num_clusters=0`` is full self-attention.
+    that reuses an earlier one); ``num_clusters=0`` is full self-attention; ``causal`` and
+    ``chunk_size`` as in the layer.
 
     >>> toca_macs(3136, 96, 2, 100, "conv2d")
     223769472
     """
     with torch.device("meta"):
         layer = ToCaAttention(
-            dim, num_heads, num_clusters, clustering, cluster_norm=cluster_norm, clustering_kwargs=clustering_kwargs
-        )
+            dim, num_heads, num_clusters, clustering, cluster_norm=cluster_norm, clustering_kwargs=clustering_kwargs,
+            causal=causal, chunk_size=chunk_size,
+        )  # fmt: skip
     return batch_size * layer.macs(num_tokens)

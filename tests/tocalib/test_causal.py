@@ -178,11 +178,26 @@ def test_the_decoding_state_has_a_constant_size_and_the_kv_cache_grows():
     _, short = layer.step(x[:, :3])
     _, long = layer.step(x[:, 3:], short)
     assert isinstance(long, ClusterState)
-    assert short.nbytes == long.nbytes == 4 * 3 * (4 + 4 * 3 * 16 + 2 * 16)  # L (M), k/v/x̄ (M×3C), the window (2×C)
+    # L (M), k/v/x̄ (M×3C), the window (2×C) in float32, and the window's padding (2 bools)
+    assert short.nbytes == long.nbytes == 4 * 3 * (4 + 4 * 3 * 16 + 2 * 16) + 3 * 2
     full = causal_layer(clusters=0)
     _, cache = full.step(x[:, :3])
     _, cache = full.step(x[:, 3:], cache)
     assert isinstance(cache, KVCache) and cache.nbytes == 4 * 3 * 300 * 2 * 16
+
+
+def test_decoding_states_hold_only_their_own_memory_and_support_beam_search():
+    layer = causal_layer("conv1d", {"causal": True, "kernel_size": 3})
+    x = torch.randn(3, 200, 16)
+    _, state = layer.step(x)
+    assert all(t._base is None for t in (state.log_normalizer, state.window, state.window_padding))  # no O(N) views
+    assert state.pooled._base is None or state.pooled._base.numel() == state.pooled.numel()
+    beams = state.select(torch.tensor([2, 2, 0]))
+    new = torch.randn(3, 1, 16)
+    y_beams, _ = layer.step(new, beams)
+    y_rows, _ = layer.step(new[[0]], state.select(torch.tensor([2])))
+    torch.testing.assert_close(y_beams[0], y_rows[0])
+    assert state.to(dtype=torch.float64).pooled.dtype == torch.float64 and state.detach().nbytes == state.nbytes
 
 
 def test_gradients_flow_through_the_decoding_state():
@@ -252,13 +267,33 @@ def test_under_autocast_the_scan_keeps_float32():
     torch.testing.assert_close(y.float(), expected, atol=5e-2, rtol=5e-2)  # the projections ran in bfloat16
 
 
+@pytest.mark.filterwarnings(  # dynamo's own, about how it handles autograd functions
+    r"ignore:<class 'torch.autograd.function.Function'> should not be instantiated:DeprecationWarning"
+)
 def test_causal_forward_compiles_into_one_graph_at_a_fixed_length():
     torch._dynamo.reset()
     layer = causal_layer(chunk=4)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 18, 16)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+        expected = layer(x)  # an eager inference first (it fills the projection cache)
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)  # with autograd on
+
+
+@pytest.mark.parametrize("n", [3, 40])  # a few positions (projected directly) and many (one folded product)
+def test_both_forms_of_the_projection_give_the_prefix_definition(n):
+    layer = causal_layer(dim=32, heads=4)
+    x = torch.randn(2, n, 32)
+    torch.testing.assert_close(layer(x), prefix_reference(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_key_bias_is_in_the_graph_with_an_exactly_zero_gradient():
+    """k's bias cancels in the softmax over clusters; DDP still needs every parameter in the graph."""
+    layer = causal_layer()
+    layer(torch.randn(2, 9, 16)).sum().backward()
+    assert layer.k.bias.grad is not None and torch.all(layer.k.bias.grad == 0)
 
 
 @pytest.mark.parametrize("cluster_norm", [True, False])
@@ -287,6 +322,13 @@ def test_the_cost_per_position_has_no_m_c_squared_or_m_t_c_term():
     # M·C² would add ≥ 16·128² = 262k per position when M doubles; the real growth is O(M·C + T·M).
     assert per_position[(128, 32, 16)] - base < 16 * 128 * 16
     assert per_position[(128, 16, 32)] - base < 16 * 128 * 8  # the T·C and h·M·T terms
+
+
+def test_causal_full_attention_macs_count_the_pairs_a_causal_kernel_computes():
+    layer = causal_layer(clusters=0)
+    for n in (1, 9):
+        assert count_macs(layer, torch.randn(1, n, 16)) == layer.macs(n)
+    assert layer.macs(9) == 4 * 9 * 16 * 16 + 2 * (9 * 10 // 2) * 16
 
 
 def test_causal_full_attention_takes_sdpas_is_causal_path(multihead_like):
@@ -373,9 +415,72 @@ def test_step_refuses_what_it_cannot_decode():
     with pytest.raises(TypeError, match="state must be the ClusterState"):
         layer.step(torch.randn(1, 3, 16), KVCache(torch.zeros(1, 1, 16), torch.zeros(1, 1, 16)))
     _, state = layer.step(torch.randn(2, 3, 16))
-    with pytest.raises(ValueError, match="x has batch 1"):
+    with pytest.raises(ValueError, match=r"state has shapes .* \[\(2, 4\), \(2, 4, 48\), None, None\].* \[\(1, 4\)"):
         layer.step(torch.randn(1, 3, 16), state)
+    with pytest.raises(ValueError, match="pass the state this layer returned"):
+        causal_layer(cluster_norm=False).step(torch.randn(2, 3, 16), state)  # F = 2C there, 3C here
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, C\) .* the new positions of B sequences"):
+        layer.step(torch.randn(3, 16))
     no_lookback = WideLogits(16, 4)
     no_lookback.causal_lookback = None
     with pytest.raises(ValueError, match="causal_lookback"):
         causal_layer(no_lookback).step(torch.randn(1, 3, 16))
+
+
+class MeanOfRealWindow(Clustering):
+    """Logits from the mean of the real tokens among the last three (it reads key_padding_mask)."""
+
+    causal_safe = True
+    causal_lookback = 2
+
+    def __init__(self, dim: int, num_clusters: int) -> None:
+        super().__init__(dim, num_clusters)
+        self.proj = nn.Linear(dim, num_clusters)
+
+    def forward(self, x: Tensor, size: object = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        real = torch.ones_like(x[..., 0]) if key_padding_mask is None else (~key_padding_mask).to(x.dtype)
+        real = nn.functional.pad(real, (2, 0))  # before the first token: nothing real
+        summed = nn.functional.pad(x * real[:, 2:, None], (0, 0, 2, 0)).unfold(1, 3, 1).sum(-1)
+        counts = real.unfold(1, 3, 1).sum(-1, keepdim=True).clamp_min(1)
+        return self.proj(summed / counts).transpose(1, 2)
+
+    def macs(self, num_tokens: int) -> int:
+        return num_tokens * self.dim * self.num_clusters
+
+
+def test_a_clustering_that_reads_the_padding_mask_sees_the_same_window_in_step_and_forward():
+    layer = causal_layer(MeanOfRealWindow(16, 4), chunk=3).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 16, dtype=torch.float64, generator=gen)
+    pad = random_padding(gen, 2, 11, p=0.4)
+    expected = layer(x, key_padding_mask=pad)
+    torch.testing.assert_close(expected[~pad], prefix_reference(layer, x, pad)[~pad])
+    outs, state = [], None
+    for lo, hi in ((0, 4), (4, 5), (5, 11)):
+        out, state = layer.step(x[:, lo:hi], state, key_padding_mask=pad[:, lo:hi])
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1)[~pad], expected[~pad])
+
+
+def test_a_float16_causal_layer_takes_a_padding_mask():
+    layer = causal_layer().half()
+    x = torch.randn(1, 9, 16).half()
+    pad = torch.zeros(1, 9, dtype=torch.bool)
+    pad[0, :2] = True  # left padding
+    y = layer(x, key_padding_mask=pad)
+    out, _ = layer.step(x, key_padding_mask=pad)
+    assert torch.isfinite(y).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out[~pad], y[~pad], atol=1e-2, rtol=1e-2)
+
+
+def test_the_attention_weights_are_differentiable_like_the_non_causal_ones():
+    layer = causal_layer(chunk=3).double()
+    x = torch.randn(1, 8, 16, dtype=torch.float64, requires_grad=True)
+
+    def entropy(inputs: Tensor) -> Tensor:
+        _, record = layer(inputs, return_intermediates=True, need_weights=True)
+        weights = record.attn_weights
+        return -(weights * weights.log()).sum()
+
+    with scan_settings(block=6):
+        assert torch.autograd.gradcheck(entropy, (x,))

@@ -98,3 +98,14 @@ def test_packed_inputs_are_checked():
         layer(x.unsqueeze(0), cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="do not combine it with key_padding_mask"):
         layer(x, cu_seqlens=torch.tensor([0, 10]), key_padding_mask=torch.zeros(1, 10, dtype=torch.bool))
+
+
+def test_full_cross_attention_over_an_all_padded_context_attends_to_all_of_it():
+    """A query with no allowed key would get NaN; every query attends to the whole (zeroed) context instead,
+    so every query gets the same output, for more queries than keys too."""
+    layer = ToCaAttention(16, 2, 0).eval()
+    x, ctx = torch.randn(1, 5, 16), torch.randn(1, 3, 16)
+    pad = torch.ones(1, 3, dtype=torch.bool)
+    y, record = layer(x, context=ctx, key_padding_mask=pad, return_intermediates=True, need_weights=True)
+    torch.testing.assert_close(y, y[:, :1].expand_as(y))
+    torch.testing.assert_close(record.attn_weights, torch.full_like(record.attn_weights, 1 / 3))
