@@ -48,9 +48,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks.common import Target
 from models import create_model
 from models.pvt_v2 import SpatialReductionAttention
-from tocalib import ToCaAttention
+from tocalib import ToCaAttention, flops
 from tocalib.flops import toca_macs
 
 
@@ -140,15 +141,9 @@ def _quiet_profiler() -> Iterator[None]:
 
 
 def peak_bytes(call: Callable[[], Any]) -> int:
-    """High-water mark of CPU allocations made during ``call()`` (bytes, above the level before it)."""
-    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    level = peak = 0
-    for _, nbytes in events:
-        level += nbytes
-        peak = max(peak, level)
-    return peak
+    """:func:`tocalib.flops.peak_bytes` with the profiler's start and stop lines silenced."""
+    with _quiet_profiler():
+        return flops.peak_bytes(call)
 
 
 def time_call(call: Callable[[], Any], settings: Settings) -> float:
@@ -403,23 +398,6 @@ def bench_profile(settings: Settings, bar: tqdm) -> list[Cell]:
 
 
 # --- targets, report, plots ---------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    """One acceptance target: ``value`` (measured) against ``threshold``."""
-
-    name: str
-    value: float | None
-    threshold: float
-    higher_is_better: bool = True
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "N/A"
-        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
-        return "PASS" if ok else "MISS"
 
 
 def _seconds(cells: list[Cell], part: str, config: str, method: str, size: int) -> float | None:

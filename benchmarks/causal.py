@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.common import Target
 from tocalib import ToCaAttention
 
 
@@ -265,21 +266,6 @@ def bench_decoding(settings: Settings, log: Callable[[str], None], dtype: torch.
             log(f"decoding at {position:6d}: ToCa {row.toca_ms:.3f} ms/token ({state_kib:.0f} KiB state), "
                 f"SDPA + KV cache {row.peer_ms:.3f} ms/token ({cache_mib:.1f} MiB cache)")  # fmt: skip
     return rows
-
-
-@dataclass
-class Target:
-    name: str
-    value: float | None
-    threshold: float
-    higher_is_better: bool = True
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "N/A"
-        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
-        return "PASS" if ok else "MISS"
 
 
 def targets(cells: list[Cell], decoding: list[Decoding]) -> list[Target]:

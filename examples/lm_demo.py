@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile
 
 from tocalib import ToCaAttention
 from tocalib.causal import ClusterState, KVCache
+from tocalib.flops import peak_bytes
 
 VALIDATION_BOOKS = ("Ruth", "Eccl", "Joel", "Jonah", "Mark", "Gal", "Jas", "Jude")
 """The held-out books, by the reference prefixes the ``bible`` program prints."""
@@ -234,18 +234,6 @@ def bits_per_character(model: CharLM, text: Tensor, context: int, windows: int) 
             logits, _ = model(rows[:, :-1])
             total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
     return total / (count * context) / math.log(2)
-
-
-def peak_bytes(call: Callable[[], object]) -> int:
-    """High-water mark of CPU allocations during ``call()``, above the level before it (profiler events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    level = peak = 0
-    for _, nbytes in events:
-        level += nbytes
-        peak = max(peak, level)
-    return peak
 
 
 @dataclass

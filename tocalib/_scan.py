@@ -91,7 +91,7 @@ def scan_forward(
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         update = config.final_state or hi < n
-        parts = _block_inputs(config, q, k, v, x, logits, before, here, lo, hi)
+        parts = _block_inputs(config, (q, k, v, x, logits, before, here), lo, hi)
         mask = None
         if config.dropout_p > 0:
             shape = (q.shape[0], parts.chunks, config.chunk, config.heads, logits.shape[1])
@@ -163,20 +163,11 @@ class _BlockInputs:
     here: Tensor  # (B, K, T, M) L_t
 
 
-def _block_inputs(
-    config: ScanConfig,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    x: Tensor | None,
-    logits: Tensor,
-    before: Tensor,
-    here: Tensor,
-    lo: int,
-    hi: int,
-) -> _BlockInputs:
+def _block_inputs(config: ScanConfig, streams: tuple[Tensor | None, ...], lo: int, hi: int) -> _BlockInputs:
     """Positions lo..hi of the (B, N, ·) and (B, M, N) inputs, cut into chunks (a ragged end is padded:
-    padded positions join no cluster and are dropped from the output)."""
+    padded positions join no cluster and are dropped from the output). ``streams`` are the scan's inputs
+    q, k, v, x (B, N, C) and logits, before, here (B, M, N)."""
+    q, k, v, x, logits, before, here = streams
     c = q.shape[-1]
     h, t = config.heads, config.chunk
     chunks = -(-(hi - lo) // t)
@@ -414,13 +405,14 @@ def _scan_backward(
 ) -> list[Tensor | None]:
     """Gradients of :func:`scan_forward`'s inputs, block by block from the last; ``d_weights`` (B, h, N, M)
     is the gradient of the returned attention weights (with ``need_weights``)."""
-    q, k, v, x, logits, before, here, pooled, bias = inputs
-    grads = [torch.empty_like(t) if t is not None else None for t in (q, k, v, x, logits, before, here)]
+    *streams, pooled, bias = inputs
+    q = streams[0]
+    grads = [torch.empty_like(t) if t is not None else None for t in streams]
     d_state = torch.zeros_like(pooled) if d_pooled is None else d_pooled.contiguous()
     d_bias = None if bias is None else torch.zeros_like(bias)
     for lo, hi, update, start, mask, kept in reversed(blocks):
         if kept is None:
-            parts = _block_inputs(config, q, k, v, x, logits, before, here, lo, hi)
+            parts = _block_inputs(config, tuple(streams), lo, hi)
             fwd = _block_forward(config, parts, start, bias, mask, update)
         else:
             parts, fwd = kept

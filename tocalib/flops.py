@@ -1,4 +1,5 @@
-"""MAC accounting, analytic and measured, in the paper's convention (fvcore: 1 MAC = 1 "FLOP").
+"""MAC accounting, analytic and measured, in the paper's convention (fvcore: 1 MAC = 1 "FLOP"), and
+measured peak memory (:func:`peak_bytes`).
 
 Counted: convolutions, linear layers, matmuls, scaled dot-product attention (QKᵀ and AV), scatter-adds
 (one per source element), LayerNorm (5 per element), BatchNorm and bilinear upsampling as fvcore
@@ -23,7 +24,7 @@ from torch import nn
 
 from tocalib.attention import ToCaAttention
 
-__all__ = ["NOT_MACS", "UncountedOpError", "count_macs", "mac_analysis", "toca_macs"]
+__all__ = ["NOT_MACS", "UncountedOpError", "count_macs", "mac_analysis", "peak_bytes", "toca_macs"]
 
 _MAC_FREE_NAMES = (
     "__and__",
@@ -262,3 +263,18 @@ def toca_macs(
             causal=causal, chunk_size=chunk_size,
         )  # fmt: skip
     return batch_size * layer.macs(num_tokens)
+
+
+def peak_bytes(call: Callable[[], Any]) -> int:
+    """High-water mark of the CPU allocations made during ``call()``, in bytes above the level before it
+    (from ``torch.profiler``'s memory events), e.g. the peak memory of one training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak

@@ -213,8 +213,8 @@ def test_gradients_flow_through_the_decoding_state():
         torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=1e-9)
 
 
-class WideLogits(Clustering):
-    """Logits spread over ±100 (a random sign and size per token and cluster): a stress test."""
+class ProjectedClustering(Clustering):
+    """A causal clustering made of one linear map; subclasses say what the map reads."""
 
     causal_safe = True
     causal_lookback = 0
@@ -223,11 +223,15 @@ class WideLogits(Clustering):
         super().__init__(dim, num_clusters)
         self.proj = nn.Linear(dim, num_clusters)
 
-    def forward(self, x: Tensor, size: object = None, key_padding_mask: Tensor | None = None) -> Tensor:
-        return (100 * torch.tanh(3 * self.proj(x))).transpose(1, 2)
-
     def macs(self, num_tokens: int) -> int:
         return num_tokens * self.dim * self.num_clusters
+
+
+class WideLogits(ProjectedClustering):
+    """Logits spread over ±100 (a random sign and size per token and cluster): a stress test."""
+
+    def forward(self, x: Tensor, size: object = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        return (100 * torch.tanh(3 * self.proj(x))).transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -427,15 +431,10 @@ def test_step_refuses_what_it_cannot_decode():
         causal_layer(no_lookback).step(torch.randn(1, 3, 16))
 
 
-class MeanOfRealWindow(Clustering):
+class MeanOfRealWindow(ProjectedClustering):
     """Logits from the mean of the real tokens among the last three (it reads key_padding_mask)."""
 
-    causal_safe = True
     causal_lookback = 2
-
-    def __init__(self, dim: int, num_clusters: int) -> None:
-        super().__init__(dim, num_clusters)
-        self.proj = nn.Linear(dim, num_clusters)
 
     def forward(self, x: Tensor, size: object = None, key_padding_mask: Tensor | None = None) -> Tensor:
         real = torch.ones_like(x[..., 0]) if key_padding_mask is None else (~key_padding_mask).to(x.dtype)
@@ -443,9 +442,6 @@ class MeanOfRealWindow(Clustering):
         summed = nn.functional.pad(x * real[:, 2:, None], (0, 0, 2, 0)).unfold(1, 3, 1).sum(-1)
         counts = real.unfold(1, 3, 1).sum(-1, keepdim=True).clamp_min(1)
         return self.proj(summed / counts).transpose(1, 2)
-
-    def macs(self, num_tokens: int) -> int:
-        return num_tokens * self.dim * self.num_clusters
 
 
 def test_a_clustering_that_reads_the_padding_mask_sees_the_same_window_in_step_and_forward():
