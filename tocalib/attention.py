@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tocalib._checks import check_inputs, check_step
-from tocalib.causal import PAD_LOGIT, ClusterState, KVCache, causal_cluster_attention, causal_cluster_macs
+from tocalib.causal import (
+    ClusterState,
+    KVCache,
+    Projections,
+    causal_cluster_macs,
+    causal_toca,
+    causal_toca_step,
+    full_attention_mask,
+    full_attention_step,
+)
 from tocalib.clustering import build_clustering
 from tocalib.packing import pack, unpack
 from tocalib.pooling import cluster_counts, hard_assign, hard_assignment_matrix, pool, scatter_mean_pool, soft_assign
@@ -52,10 +61,6 @@ class ToCaIntermediates:
     logits: Tensor | None = None
     clusters: Tensor | None = None
     attn_weights: Tensor | None = None
-
-
-def _or_zero(t: Tensor | None) -> Tensor | float:
-    return 0.0 if t is None else t
 
 
 class ToCaAttention(nn.Module):
@@ -86,6 +91,7 @@ class ToCaAttention(nn.Module):
         recompute: causal layers: keep only the scan's state between blocks for the backward pass and
             recompute the rest there (training memory O(N·(C + M)) instead of
             O(N·(C + h·M + h·T + M·C/T)), one more forward pass of the scan).
+        device, dtype: where and in which dtype to create the parameters (PyTorch's factory kwargs).
 
     Example:
         >>> attn = ToCaAttention(dim=64, num_heads=4, num_clusters=8)
@@ -108,8 +114,12 @@ class ToCaAttention(nn.Module):
         causal: bool = False,
         chunk_size: int = 64,
         recompute: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         if dim < 1 or num_heads < 1 or dim % num_heads != 0:
             raise ValueError(
                 f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}); "
@@ -124,7 +134,8 @@ class ToCaAttention(nn.Module):
         self.attn_drop_p = attn_drop
         self.causal, self.chunk_size, self.recompute = causal, chunk_size, recompute
         if num_clusters and clustering is not None:
-            self.clustering = build_clustering(clustering, dim, num_clusters, **(clustering_kwargs or {}))
+            kwargs = clustering_kwargs or {}
+            self.clustering = build_clustering(clustering, dim, num_clusters, **factory, **kwargs)
         else:
             self.clustering = None
         if causal and num_clusters and not getattr(self.clustering, "causal_safe", False):
@@ -132,12 +143,13 @@ class ToCaAttention(nn.Module):
                 f"causal=True needs a clustering whose logit for token s uses only tokens <= s, got {clustering!r}; "
                 "use 'linear', 'mlp', or 'conv1d' with clustering_kwargs={'causal': True}"
             )
-        self.cluster_norm = nn.LayerNorm(dim, eps=norm_eps) if num_clusters and cluster_norm else nn.Identity()
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        normed = num_clusters and cluster_norm
+        self.cluster_norm = nn.LayerNorm(dim, eps=norm_eps, **factory) if normed else nn.Identity()
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -202,7 +214,10 @@ class ToCaAttention(nn.Module):
             record.logits = logits = self._logits(x, size, key_padding_mask)
             if return_assignment or return_intermediates:
                 record.assignment = soft_assign(logits, keep)
-            out, record.attn_weights, _ = self._causal_scan(x, logits, keep, None, need_weights, final_state=False)
+            out, record.attn_weights, _ = causal_toca(
+                x, logits, self._projections(), keep=keep, chunk_size=self.chunk_size, need_weights=need_weights,
+                dropout_p=self.attn_drop_p if self.training else 0.0, final_state=False, recompute=self.recompute,
+            )  # fmt: skip
         else:
             if self.num_clusters:
                 want = return_assignment or return_intermediates
@@ -210,7 +225,9 @@ class ToCaAttention(nn.Module):
                 record.clusters = kv
             else:
                 kv = source
-            attn_mask = None if self.num_clusters else self._full_attention_mask(keep, x.shape[1], source.shape[1])
+            attn_mask = None
+            if not self.num_clusters:
+                attn_mask = full_attention_mask(keep, x.shape[1], source.shape[1], self.causal, x.device)
             is_causal = self.causal and not self.num_clusters and attn_mask is None  # self-attention: N = L
             out, record.attn_weights = self._attend(
                 self._heads(self.q(x)),
@@ -261,98 +278,21 @@ class ToCaAttention(nn.Module):
         keep = check_step(self, x, key_padding_mask, state)
         if keep is not None:
             x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
-        if not self.num_clusters:
-            return self._step_full_attention(x, keep, state)
-        lookback = self.clustering.causal_lookback
-        window = window_padding = None
-        if lookback:  # the clustering looks back: the last inputs (zeros, marked padding, at the start)
-            b = x.shape[0]
-            if state is None:
-                past, past_padding = x.new_zeros(b, lookback, self.dim), x.new_ones(b, lookback, dtype=torch.bool)
-            else:
-                past, past_padding = state.window, state.window_padding
-            joined = torch.cat([past, x], dim=1)
-            new_padding = x.new_zeros(b, x.shape[1], dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-            joined_padding = torch.cat([past_padding, new_padding], dim=1)
-            logits = self.clustering(joined, key_padding_mask=joined_padding)[..., lookback:]
-            window, window_padding = joined[:, -lookback:].clone(), joined_padding[:, -lookback:].clone()
-        else:
-            logits = self._logits(x, None, key_padding_mask)
-        out, _, core = self._causal_scan(x, logits, keep, state, False, final_state=True)
-        return self.proj_drop(self.proj(out)), ClusterState(core.log_normalizer, core.pooled, window, window_padding)
-
-    def _causal_scan(
-        self,
-        x: Tensor,
-        logits: Tensor,
-        keep: Tensor | None,
-        state: ClusterState | None,
-        need_weights: bool,
-        final_state: bool,
-    ) -> tuple[Tensor, Tensor | None, ClusterState | None]:
-        """Causal ToCa on tokens x (B, N, C) with their logits (B, M, N): ``(out (B, N, C), weights, state)``.
-
-        The tokens are projected before they are pooled (see :mod:`tocalib.causal` and
-        :meth:`_causal_projection`).
-        """
-        if keep is not None:  # in the scan's dtype: a float16 tensor cannot hold the sentinel
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            logits = logits.masked_fill(~keep.unsqueeze(1), PAD_LOGIT)
-        norm = self.cluster_norm if isinstance(self.cluster_norm, nn.LayerNorm) else None
-        q, keys, values, tokens, value_bias = self._causal_projection(x)
         dropout_p = self.attn_drop_p if self.training else 0.0
-        return causal_cluster_attention(
-            q, keys, values, logits, self.num_heads, tokens=tokens, eps=0.0 if norm is None else norm.eps,
-            value_bias=value_bias, state=state, chunk_size=self.chunk_size, dropout_p=dropout_p,
-            need_weights=need_weights, final_state=final_state, recompute=self.recompute,
-        )  # fmt: skip
+        if not self.num_clusters:
+            out, state = full_attention_step(x, self._projections(), state, keep=keep, dropout_p=dropout_p)
+        else:
+            out, state = causal_toca_step(
+                x, self.clustering, self._projections(), state, keep=keep, chunk_size=self.chunk_size,
+                dropout_p=dropout_p,
+            )  # fmt: skip
+        return self.proj_drop(self.proj(out)), state
 
-    def _causal_projection(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The causal scan's token projections of x (B, N, C): q / √d, keys, values (B, N, C) each, the
-        centred tokens (with ``cluster_norm``, else None) and the value bias.
-
-        With ``cluster_norm``, the keys and values are those of the centred tokens scaled by the norm's
-        weight, W_k (γ ⊙ (x - mean x)). For many positions that is folded into one (3C, C) product with
-        q: W_k (γ ⊙ (x - mean x)) = (W_k diag γ - its row means) x. For a few (decoding), building that
-        weight would cost more than the products, so the centred tokens are projected directly. The
-        norm's bias reaches the output through ``v`` (the value bias W_v β + b_v). k's bias is the same
-        for every cluster, so the softmax over clusters drops it: its gradient is exactly 0, and it enters
-        with weight 0 so that it still belongs to the graph (as DDP expects of every parameter).
-        """
+    def _projections(self) -> Projections:
         norm = self.cluster_norm if isinstance(self.cluster_norm, nn.LayerNorm) else None
-        scale = self.head_dim**-0.5
-        tokens = None if norm is None else x - x.mean(-1, keepdim=True)
-        if 4 * x.shape[1] >= self.dim:
-            w_k, w_v = self.k.weight, self.v.weight
-            if norm is not None:
-                w_k, w_v = (w * norm.weight for w in (w_k, w_v))
-                w_k, w_v = (w - w.mean(-1, keepdim=True) for w in (w_k, w_v))
-            bias = None if self.q.bias is None else F.pad(self.q.bias * scale, (0, 2 * self.dim))
-            q, keys, values = F.linear(x, torch.cat([self.q.weight * scale, w_k, w_v]), bias).split(self.dim, -1)
-        else:
-            scaled = x if norm is None else tokens * norm.weight
-            q, keys, values = self.q(x) * scale, F.linear(scaled, self.k.weight), F.linear(scaled, self.v.weight)
-        value_bias = self.v.bias if norm is None else (self.v.weight * norm.bias).sum(-1) + _or_zero(self.v.bias)
-        if self.k.bias is not None:
-            value_bias = _or_zero(value_bias) + 0.0 * self.k.bias
-        return q, keys, values, tokens, value_bias
-
-    def _step_full_attention(self, x: Tensor, keep: Tensor | None, cache: KVCache | None) -> tuple[Tensor, KVCache]:
-        """One decoding step of causal full attention (M = 0) with a growing KV cache."""
-        keys, values = self.k(x), self.v(x)
-        if cache is not None:
-            keys, values = torch.cat([cache.keys, keys], dim=1), torch.cat([cache.values, values], dim=1)
-        seen = 0 if cache is None else cache.keys.shape[1]
-        if keep is None and (cache is None or cache.keep is None):
-            keep_all = None
-        else:
-            old = x.new_ones(x.shape[0], seen, dtype=torch.bool) if cache is None or cache.keep is None else cache.keep
-            new = torch.ones_like(x[..., 0], dtype=torch.bool) if keep is None else keep
-            keep_all = torch.cat([old, new], dim=1)
-        mask = self._full_attention_mask(keep_all, x.shape[1], keys.shape[1])
-        is_causal = mask is None and x.shape[1] == keys.shape[1]  # the first call; else one position or a mask
-        out, _ = self._attend(self._heads(self.q(x)), self._heads(keys), self._heads(values), mask, False, is_causal)
-        return self.proj_drop(self.proj(out.transpose(-3, -2).flatten(-2))), KVCache(keys, values, keep_all)
+        return Projections(
+            self.q.weight, self.q.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias, norm, self.num_heads
+        )
 
     def _cluster(
         self,
@@ -394,24 +334,6 @@ class ToCaAttention(nn.Module):
                 f"clustering returned logits of shape {tuple(logits.shape)}, expected (B, M, N) = {expected}"
             )
         return logits
-
-    def _full_attention_mask(self, keep: Tensor | None, n: int, length: int) -> Tensor | None:
-        """Bool (B or 1, 1, N, L) mask for attention over raw tokens (M = 0), or None when none is needed.
-
-        The N queries are the last N of the L positions. Without padding a causal layer needs no mask
-        when N = L (SDPA's ``is_causal``) or N = 1 (the last position sees everything).
-        """
-        causal = self.causal and n > 1
-        if keep is None and (not causal or n == length):
-            return None
-        allowed = torch.ones(1, 1, n, length, dtype=torch.bool, device=self.q.weight.device)
-        if causal:
-            allowed = allowed.tril(length - n)
-        if keep is not None:
-            allowed = allowed & keep[:, None, None, :]
-        # a query with no allowed key would get NaN: it attends to every key it could see without padding
-        visible = torch.ones_like(allowed).tril(length - n) if causal else torch.ones_like(allowed)
-        return allowed | (~allowed.any(-1, keepdim=True) & visible)
 
     def _heads(self, t: Tensor) -> Tensor:
         """(..., L, C) → (..., heads, L, head_dim)."""

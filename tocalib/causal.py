@@ -55,14 +55,27 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from tocalib._scan import BLOCK, PAD_LOGIT, Scan, ScanConfig, decode_one, scan_forward
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11
 
-__all__ = ["BLOCK", "PAD_LOGIT", "ClusterState", "KVCache", "causal_cluster_attention", "causal_cluster_macs"]
+__all__ = [
+    "BLOCK",
+    "PAD_LOGIT",
+    "ClusterState",
+    "KVCache",
+    "Projections",
+    "causal_cluster_attention",
+    "causal_cluster_macs",
+    "causal_toca",
+    "causal_toca_step",
+    "full_attention_mask",
+    "full_attention_step",
+]
 
 
 class _DecodingState:
@@ -207,6 +220,177 @@ def causal_cluster_attention(
     out, weights = out.to(queries.dtype), weights.to(queries.dtype)
     next_state = ClusterState(log_norm[..., -1].clone(), pooled.transpose(-1, -2)) if final_state else None
     return out, weights if need_weights else None, next_state
+
+
+@dataclass(frozen=True)
+class Projections:
+    """The weights a causal layer applies to its tokens before it attends.
+
+    Attributes:
+        q_weight, k_weight, v_weight: (C, C) each (views of a packed (3C, C) weight work as well).
+        q_bias, k_bias, v_bias: (C,) each, or None.
+        norm: the LayerNorm on the cluster tokens (``cluster_norm``), or None.
+        heads: h.
+    """
+
+    q_weight: Tensor
+    q_bias: Tensor | None
+    k_weight: Tensor
+    k_bias: Tensor | None
+    v_weight: Tensor
+    v_bias: Tensor | None
+    norm: nn.LayerNorm | None
+    heads: int
+
+    def tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The scan's inputs from x (B, N, C): q / √d, the token keys and values (B, N, C) each, the centred
+        tokens (with the norm, else None) and the value bias.
+
+        With the norm, the keys and values are those of the centred tokens scaled by its weight,
+        W_k (γ ⊙ (x - mean x)). For many positions that is folded into one (3C, C) product with q:
+        W_k (γ ⊙ (x - mean x)) = (W_k diag γ - its row means) x. For a few (decoding), building that
+        weight would cost more than the products, so the centred tokens are projected directly. The
+        norm's bias reaches the output through v (the value bias W_v β + b_v). k's bias is the same for
+        every cluster, so the softmax over clusters drops it: its gradient is exactly 0, and it enters
+        with weight 0 so that it still belongs to the graph (as DDP expects of every parameter).
+        """
+        norm, c = self.norm, self.q_weight.shape[0]
+        scale = (c // self.heads) ** -0.5
+        tokens = None if norm is None else x - x.mean(-1, keepdim=True)
+        if 4 * x.shape[1] >= c:
+            w_k, w_v = self.k_weight, self.v_weight
+            if norm is not None:
+                w_k, w_v = (w * norm.weight for w in (w_k, w_v))
+                w_k, w_v = (w - w.mean(-1, keepdim=True) for w in (w_k, w_v))
+            bias = None if self.q_bias is None else F.pad(self.q_bias * scale, (0, 2 * c))
+            q, keys, values = F.linear(x, torch.cat([self.q_weight * scale, w_k, w_v]), bias).split(c, -1)
+        else:
+            scaled = x if norm is None else tokens * norm.weight
+            q = F.linear(x, self.q_weight, self.q_bias) * scale
+            keys, values = F.linear(scaled, self.k_weight), F.linear(scaled, self.v_weight)
+        value_bias = self.v_bias if norm is None else (self.v_weight * norm.bias).sum(-1) + _or_zero(self.v_bias)
+        if self.k_bias is not None:
+            value_bias = _or_zero(value_bias) + 0.0 * self.k_bias
+        return q, keys, values, tokens, value_bias
+
+
+def _or_zero(t: Tensor | None) -> Tensor | float:
+    return 0.0 if t is None else t
+
+
+def causal_toca(
+    x: Tensor,
+    logits: Tensor,
+    projections: Projections,
+    *,
+    keep: Tensor | None = None,
+    state: ClusterState | None = None,
+    chunk_size: int = 64,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    final_state: bool = True,
+    recompute: bool = False,
+) -> tuple[Tensor, Tensor | None, ClusterState | None]:
+    """Causal ToCa on tokens x (B, N, C) with their clustering logits (B, M, N).
+
+    ``keep`` (B, N) bool is False at padded tokens (whose rows of x should be zeroed). Returns the
+    attention output (B, N, C) before the output projection, the attention weights (B, h, N, M) with
+    ``need_weights``, and the state after the last position (the window of a clustering that looks back
+    is the caller's: see :func:`causal_toca_step`).
+    """
+    if keep is not None:  # in the scan's dtype: a float16 tensor cannot hold the sentinel
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits = logits.masked_fill(~keep.unsqueeze(1), PAD_LOGIT)
+    q, keys, values, tokens, value_bias = projections.tokens(x)
+    norm = projections.norm
+    return causal_cluster_attention(
+        q, keys, values, logits, projections.heads, tokens=tokens, eps=0.0 if norm is None else norm.eps,
+        value_bias=value_bias, state=state, chunk_size=chunk_size, dropout_p=dropout_p, need_weights=need_weights,
+        final_state=final_state, recompute=recompute,
+    )  # fmt: skip
+
+
+def causal_toca_step(
+    x: Tensor,
+    clustering: nn.Module,
+    projections: Projections,
+    state: ClusterState | None,
+    *,
+    keep: Tensor | None = None,
+    chunk_size: int = 64,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, ClusterState]:
+    """One decoding call: x (B, T, C) new positions (padded rows zeroed, ``keep`` False there) after
+    ``state``. Returns their attention output (B, T, C) before the output projection, and the next state.
+
+    A clustering that looks back K tokens (``causal_lookback``) gets the last K inputs of the state in
+    front of x, and is told which of them were padding (the zeros before the first token are).
+    """
+    lookback = clustering.causal_lookback
+    window = window_padding = None
+    b, t, c = x.shape
+    padding = x.new_zeros(b, t, dtype=torch.bool) if keep is None else ~keep
+    if lookback:
+        if state is None:
+            past, past_padding = x.new_zeros(b, lookback, c), x.new_ones(b, lookback, dtype=torch.bool)
+        else:
+            past, past_padding = state.window, state.window_padding
+        joined, joined_padding = torch.cat([past, x], dim=1), torch.cat([past_padding, padding], dim=1)
+        logits = clustering(joined, key_padding_mask=joined_padding)[..., lookback:]
+        window, window_padding = joined[:, -lookback:].clone(), joined_padding[:, -lookback:].clone()
+    else:
+        logits = clustering(x, key_padding_mask=None if keep is None else padding)
+    out, _, core = causal_toca(
+        x, logits, projections, keep=keep, state=state, chunk_size=chunk_size, dropout_p=dropout_p
+    )
+    return out, ClusterState(core.log_normalizer, core.pooled, window, window_padding)
+
+
+def full_attention_mask(keep: Tensor | None, n: int, length: int, causal: bool, device: torch.device) -> Tensor | None:
+    """Bool (B or 1, 1, N, L) mask for attention over raw tokens (M = 0), or None when none is needed.
+
+    ``keep`` (B, L) is False at padded keys. The N queries are the last N of the L positions. Without
+    padding a causal layer needs no mask when N = L (SDPA's ``is_causal``) or N = 1 (the last position
+    sees everything).
+    """
+    causal = causal and n > 1
+    if keep is None and (not causal or n == length):
+        return None
+    allowed = torch.ones(1, 1, n, length, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril(length - n)
+    if keep is not None:
+        allowed = allowed & keep[:, None, None, :]
+    # a query with no allowed key would get NaN: it attends to every key it could see without padding
+    visible = torch.ones_like(allowed).tril(length - n) if causal else torch.ones_like(allowed)
+    return allowed | (~allowed.any(-1, keepdim=True) & visible)
+
+
+def full_attention_step(
+    x: Tensor, projections: Projections, cache: KVCache | None, *, keep: Tensor | None = None, dropout_p: float = 0.0
+) -> tuple[Tensor, KVCache]:
+    """One decoding call of causal full attention (M = 0): x (B, T, C) new positions after the cached ones.
+    Returns their attention output (B, T, C) before the output projection, and the grown cache."""
+    p = projections
+    keys, values = F.linear(x, p.k_weight, p.k_bias), F.linear(x, p.v_weight, p.v_bias)
+    if cache is not None:
+        keys, values = torch.cat([cache.keys, keys], dim=1), torch.cat([cache.values, values], dim=1)
+    seen = 0 if cache is None else cache.keys.shape[1]
+    if keep is None and (cache is None or cache.keep is None):
+        keep_all = None
+    else:
+        old = x.new_ones(x.shape[0], seen, dtype=torch.bool) if cache is None or cache.keep is None else cache.keep
+        new = torch.ones_like(x[..., 0], dtype=torch.bool) if keep is None else keep
+        keep_all = torch.cat([old, new], dim=1)
+    mask = full_attention_mask(keep_all, x.shape[1], keys.shape[1], True, x.device)
+    is_causal = mask is None and x.shape[1] == keys.shape[1]  # the first call; else one position or a mask
+
+    def heads(z: Tensor) -> Tensor:  # (B, L, C) -> (B, h, L, d)
+        return z.unflatten(-1, (p.heads, -1)).transpose(1, 2)
+
+    q = F.linear(x, p.q_weight, p.q_bias)
+    out = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), mask, dropout_p, is_causal)
+    return out.transpose(1, 2).flatten(-2), KVCache(keys, values, keep_all)
 
 
 def causal_cluster_macs(

@@ -21,9 +21,12 @@ its name, or pass a module instance directly.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -61,8 +64,19 @@ def list_clusterings() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_clustering(spec: str | nn.Module, dim: int, num_clusters: int, **kwargs: Any) -> nn.Module:
-    """A clustering module from a registered name, or ``spec`` itself when it is already a module."""
+def build_clustering(
+    spec: str | nn.Module,
+    dim: int,
+    num_clusters: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A clustering module from a registered name, or ``spec`` itself when it is already a module.
+
+    ``device`` and ``dtype`` are PyTorch's factory arguments; a registered class receives them when given
+    (the built-in ones take them; a custom one must accept them to be built that way)."""
     if isinstance(spec, nn.Module):
         if kwargs:
             raise ValueError(f"clustering_kwargs {sorted(kwargs)} cannot apply to a module instance")
@@ -75,7 +89,19 @@ def build_clustering(spec: str | nn.Module, dim: int, num_clusters: int, **kwarg
         return spec
     if spec not in _REGISTRY:
         raise ValueError(f"unknown clustering {spec!r}; known: {', '.join(list_clusterings())}")
-    return _REGISTRY[spec](dim, num_clusters, **kwargs)
+    factory = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if factory and not _takes(_REGISTRY[spec], factory):
+        raise ValueError(
+            f"clustering {spec!r} ({_REGISTRY[spec].__name__}) does not take {sorted(factory)}: add those keyword "
+            "arguments to its constructor (PyTorch's factory kwargs), or build it and move it with .to()"
+        )
+    return _REGISTRY[spec](dim, num_clusters, **factory, **kwargs)
+
+
+def _takes(cls: Callable[..., nn.Module], names: dict[str, Any]) -> bool:
+    """Whether ``cls``'s constructor accepts these keyword arguments."""
+    parameters = inspect.signature(cls).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD for p in parameters) or set(names) <= {p.name for p in parameters}
 
 
 class Clustering(nn.Module):
@@ -103,9 +129,11 @@ class LinearClustering(Clustering):
     causal_safe = True
     causal_lookback = 0
 
-    def __init__(self, dim: int, num_clusters: int) -> None:
+    def __init__(
+        self, dim: int, num_clusters: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__(dim, num_clusters)
-        self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False))
+        self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False, device=device, dtype=dtype))
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
         return self.clustering(x).transpose(1, 2)
@@ -125,11 +153,20 @@ class MlpClustering(Clustering):
     causal_safe = True
     causal_lookback = 0
 
-    def __init__(self, dim: int, num_clusters: int, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_clusters: int,
+        hidden_dim: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(dim, num_clusters)
         self.hidden_dim = hidden_dim or 4 * dim
+        factory = {"device": device, "dtype": dtype}
         self.clustering = nn.Sequential(
-            nn.Linear(dim, self.hidden_dim), nn.GELU(), nn.Linear(self.hidden_dim, num_clusters)
+            nn.Linear(dim, self.hidden_dim, **factory), nn.GELU(), nn.Linear(self.hidden_dim, num_clusters, **factory)
         )
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
@@ -149,13 +186,20 @@ class _ConvClustering(Clustering):
     spatial_dims: int
 
     def __init__(
-        self, dim: int, num_clusters: int, kernel_size: int = 7, padding: int | tuple[int, ...] | None = None
+        self,
+        dim: int,
+        num_clusters: int,
+        kernel_size: int = 7,
+        padding: int | tuple[int, ...] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(dim, num_clusters)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
         self.kernel_size = kernel_size
-        conv = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
+        conv = partial(nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d, device=device, dtype=dtype)
         self.clustering = nn.Sequential(
             conv(dim, dim, kernel_size, padding=kernel_size // 2 if padding is None else padding, groups=dim),
             nn.GELU(),
@@ -179,8 +223,17 @@ class Conv1dClustering(_ConvClustering):
 
     spatial_dims = 1
 
-    def __init__(self, dim: int, num_clusters: int, kernel_size: int = 7, causal: bool = False) -> None:
-        super().__init__(dim, num_clusters, kernel_size, padding=0 if causal else None)
+    def __init__(
+        self,
+        dim: int,
+        num_clusters: int,
+        kernel_size: int = 7,
+        causal: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, num_clusters, kernel_size, padding=0 if causal else None, device=device, dtype=dtype)
         self.causal = self.causal_safe = causal
         self.causal_lookback = kernel_size - 1 if causal else None
 
@@ -228,12 +281,16 @@ class HardClustering(Clustering):
         num_clusters: int,
         base: str | nn.Module = "mlp",
         scatter_backend: str = "torch",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(dim, num_clusters)
         if scatter_backend not in SCATTER_BACKENDS:
             raise ValueError(f"scatter_backend must be one of {SCATTER_BACKENDS}, got {scatter_backend!r}")
-        self.base = build_clustering(base, dim, num_clusters, **base_kwargs)
+        factory = {} if isinstance(base, nn.Module) else {"device": device, "dtype": dtype}
+        self.base = build_clustering(base, dim, num_clusters, **factory, **base_kwargs)
         self.scatter_backend = scatter_backend
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:

@@ -257,11 +257,10 @@ def toca_macs(
     >>> toca_macs(3136, 96, 2, 100, "conv2d")
     223769472
     """
-    with torch.device("meta"):
-        layer = ToCaAttention(
-            dim, num_heads, num_clusters, clustering, cluster_norm=cluster_norm, clustering_kwargs=clustering_kwargs,
-            causal=causal, chunk_size=chunk_size,
-        )  # fmt: skip
+    layer = ToCaAttention(
+        dim, num_heads, num_clusters, clustering, cluster_norm=cluster_norm, clustering_kwargs=clustering_kwargs,
+        causal=causal, chunk_size=chunk_size, device="meta",
+    )  # fmt: skip
     return batch_size * layer.macs(num_tokens)
 
 
