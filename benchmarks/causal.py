@@ -19,6 +19,12 @@ c. **costs**: analytic MACs (ToCa: ``layer.macs(N)``; the peer: 4·N·C² for th
    for the causal QKᵀ and AV, the half that a causal kernel computes) and their ratio, next to the time
    ratio.
 
+The memory allocator matters on the CPU at large N. glibc's malloc returns large freed blocks to the
+system, so every large temporary is faulted in again, page by page; at N = 32,768 that was more kernel
+time than compute here. The report's header names the allocator settings of the run (``MALLOC_*``
+variables, ``GLIBC_TUNABLES``, an ``LD_PRELOAD``ed jemalloc or tcmalloc, as PyTorch's CPU performance
+guide suggests). Both layers always run in the same process, so they share them.
+
 Writes ``causal.md``, ``causal.json`` and a log-log plot ``causal_seconds.png`` (with matplotlib) to ``--out``.
 It prints the issue's targets with PASS or MISS. ``--device cuda`` (the clock waits for the device) and
 ``--dtype bfloat16`` run the same comparison on a GPU.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
@@ -103,6 +110,21 @@ class SdpaDecoder:
     def nbytes(self) -> int:
         """Bytes of the filled part of the cache."""
         return 2 * self.keys[:, :, : self.length].numel() * self.keys.element_size()
+
+
+ALLOCATOR_VARIABLES = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+)
+
+
+def allocator_settings() -> str:
+    """The environment's allocator settings, for the report (``glibc defaults`` when none is set)."""
+    found = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if os.environ.get(name)]
+    return " ".join(found) or "glibc defaults"
 
 
 def toca_layer(settings: Settings) -> ToCaAttention:
@@ -373,6 +395,7 @@ def main(argv: list[str] | None = None) -> tuple[list[Cell], list[Decoding], lis
         "device": args.device,
         "dtype": args.dtype,
         "reps": settings.reps,
+        "allocator": allocator_settings(),
     }
     start = time.perf_counter()
     with torch.device(args.device):  # every factory call of the run, scoped to it

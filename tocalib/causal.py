@@ -183,8 +183,8 @@ def causal_cluster_attention(
         ``(out, weights, state)``: out (B, N, C) in the queries' dtype (heads merged, before the output
         projection), weights (B, h, N, M) or None, and the state after the last position (or None).
 
-    The work runs in blocks of about :data:`BLOCK` positions, each a batch of whole chunks, so no
-    temporary grows with N, inside one autograd function with a hand-written backward pass. Training
+    The work runs in blocks of about :data:`BLOCK` positions (over the batch), each a batch of whole
+    chunks, so no temporary grows with N, inside one autograd function with a hand-written backward pass. Training
     keeps O(C + h·M + h·T + M·C/T) floats per position for it (O(C + M) with ``recompute``; M·T more
     for a block whose logits rise so far that its intra-chunk weights are materialised). Gradients
     flow to every input, to the state and to the returned weights; a second derivative is not
