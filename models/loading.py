@@ -20,19 +20,23 @@ Rules:
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import types
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, _weights_only_unpickler, nn
 
 __all__ = [
+    "ForeignObject",
     "LoadReport",
     "StateDictMismatchError",
     "copy_matched",
     "flat_state_dict",
+    "foreign_classes",
     "load_official_state_dict",
     "match_state_dict",
     "read_checkpoint",
@@ -58,6 +62,8 @@ class LoadReport:
         skipped_clusters: cluster layers left at their initialisation by ``skip_mismatched_clusters``.
         ignored: checkpoint keys outside the model by design (``head.*`` for a headless model, the
             non-backbone entries of a detection/segmentation checkpoint).
+        foreign: classes of non-tensor objects in the file (its metadata), read as inert
+            :class:`ForeignObject` records instead of being imported (see :func:`read_checkpoint`).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -66,6 +72,7 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     skipped_clusters: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
 
     def with_prefix(self, prefix: str) -> LoadReport:
         """The same report with every key prefixed (a submodule's report seen from its parent)."""
@@ -76,6 +83,7 @@ class LoadReport:
             mismatched=[(prefix + k, a, b) for k, a, b in self.mismatched],
             skipped_clusters=[prefix + k for k in self.skipped_clusters],
             ignored=[prefix + k for k in self.ignored],
+            foreign=list(self.foreign),
         )
 
     def __add__(self, other: LoadReport) -> LoadReport:
@@ -113,24 +121,120 @@ def unwrap_state_dict(checkpoint: Mapping[str, object]) -> tuple[dict[str, Tenso
     return state, ignored
 
 
-def read_checkpoint(path: str | os.PathLike[str], weights_only: bool = True) -> Mapping[str, object]:
-    """``torch.load`` a checkpoint file on the CPU; a missing or unreadable file gets an error naming it.
+class ForeignObject:
+    """What a checkpoint's pickle made of an object whose class this loader does not allow (an mmengine
+    ``HistoryBuffer``, a numpy scalar, anything not a tensor, container or plain value): an inert record
+    of the class's name and of the arguments and state the pickle held. The class is never imported and
+    nothing of it runs. Each foreign class gets its own subclass, whose ``qualname`` names it."""
 
-    ``weights_only=False`` is for formats that pickle non-tensor metadata (mmengine): only for files you trust.
+    qualname = "?"
+
+    def __new__(cls, *args: object, **kwargs: object) -> ForeignObject:
+        record = super().__new__(cls)
+        record.args, record.kwargs, record.state, record.items = args, kwargs, None, []
+        return record
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        """The arguments are kept by ``__new__``; nothing else happens."""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def __setitem__(self, key: object, value: object) -> None:
+        self.items.append((key, value))
+
+    def append(self, value: object) -> None:
+        self.items.append(value)
+
+    def extend(self, values: object) -> None:
+        self.items.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<foreign {self.qualname}>"
+
+
+_FOREIGN: dict[str, type[ForeignObject]] = {}
+
+
+def _foreign_class(module: str, name: str) -> type[ForeignObject]:
+    qualname = f"{module}.{name}"
+    if qualname not in _FOREIGN:
+        _FOREIGN[qualname] = type(f"Foreign[{qualname}]", (ForeignObject,), {"qualname": qualname})
+    return _FOREIGN[qualname]
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only what ``torch.load(weights_only=True)`` allows (tensors, storages, dtypes, containers);
+    every other global becomes a :class:`ForeignObject` subclass, so nothing named by the file is imported
+    or called."""
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = _weights_only_unpickler._get_allowed_globals().get(f"{module}.{name}")
+        return allowed if allowed is not None else _foreign_class(module, name)
+
+
+_RESTRICTED_PICKLE = types.ModuleType("restricted_pickle", "pickle, with globals restricted (models.loading)")
+_RESTRICTED_PICKLE.Unpickler = _RestrictedUnpickler
+_RESTRICTED_PICKLE.load = lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load()
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, object]:
+    """Read a ``torch.save`` checkpoint file on the CPU, without ever running code from it.
+
+    Files of tensors and plain values load as ``torch.load(weights_only=True)`` loads them. Files that
+    also pickle other objects (mmengine's ``meta`` and ``message_hub``, optimizer states with numpy
+    values) load too, with those objects as inert :class:`ForeignObject` records (see
+    :func:`foreign_classes`), whether or not their packages are installed. A missing, empty, truncated
+    or non-checkpoint file gets an error naming it and saying what was found.
     """
+    name = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {os.fspath(path)!r} does not exist; check the path")
+        raise FileNotFoundError(f"checkpoint file {name!r} does not exist; check the path")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"checkpoint file {name!r} is empty (0 bytes); expected a file written by torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # torch raises several error types for pickled non-tensor objects
-        hint = (
-            ". If you trust the file, load it yourself with torch.load(path, weights_only=False) and pass the dict"
-            if weights_only
-            else ""
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # objects beyond torch's allowlist: the restricted unpickler
+            if "Weights only load failed" not in str(err):
+                raise
+            content = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+    except Exception as err:  # torch raises many types for damaged files
+        with open(path, "rb") as file:
+            head = file.read(8)
+        found = (
+            f"a damaged or truncated zip archive of {size} bytes"
+            if head.startswith(b"PK")
+            else f"{size} bytes starting with {head!r}"
         )
         raise ValueError(
-            f"could not read {os.fspath(path)!r} with torch.load(weights_only={weights_only}): {err}{hint}"
+            f"checkpoint file {name!r} is not a readable torch.save checkpoint: found {found} ({type(err).__name__}: "
+            f"{err}); expected a .pth/.pt file written by torch.save, complete"
         ) from err
+    if not isinstance(content, Mapping):
+        raise ValueError(
+            f"checkpoint file {name!r} holds a {type(content).__name__}, expected a dict (a state dict, or one "
+            "under 'state_dict' or 'model')"
+        )
+    return content
+
+
+def foreign_classes(content: object) -> list[str]:
+    """The classes that :func:`read_checkpoint` kept as :class:`ForeignObject` records, anywhere in
+    ``content`` (dicts, lists, tuples and the records' own arguments and state), sorted and unique."""
+    found: set[str] = set()
+    stack = [content]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, ForeignObject):
+            found.add(item.qualname)
+            stack.extend([*item.args, *item.kwargs.values(), item.state, *item.items])
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return sorted(found)
 
 
 def match_state_dict(
@@ -194,6 +298,7 @@ def load_official_state_dict(
     state, ignored = unwrap_state_dict(raw)
     report = match_state_dict(model, state, skip_mismatched_clusters)
     report.ignored = ignored + report.ignored
+    report.foreign = foreign_classes(raw)
     copy_matched(model, state, report, strict)
     return report
 

@@ -15,7 +15,14 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from models.loading import LoadReport, copy_matched, flat_state_dict, match_state_dict, read_checkpoint
+from models.loading import (
+    LoadReport,
+    copy_matched,
+    flat_state_dict,
+    foreign_classes,
+    match_state_dict,
+    read_checkpoint,
+)
 
 __all__ = ["load_mmengine_checkpoint"]
 
@@ -31,9 +38,10 @@ def load_mmengine_checkpoint(
 
     Args:
         model: e.g. :class:`~models.heads.MaskRCNN` or :class:`~models.heads.EncoderDecoder`.
-        checkpoint: the loaded checkpoint dict, or the path of a ``.pth`` file. A path is read with
-            ``torch.load(weights_only=False)`` because mmengine checkpoints pickle non-tensor metadata: only
-            load files you trust.
+        checkpoint: the loaded checkpoint dict, or the path of a ``.pth`` file. A path is read by
+            :func:`models.loading.read_checkpoint`, which runs no code from the file: mmengine's pickled
+            metadata (``meta``, ``message_hub``, ``optimizer``) becomes inert records, listed in the
+            report's ``foreign``, and mmengine need not be installed.
         strict: raise on any missing, unexpected or shape-mismatched key (listed in the error).
         skip_mismatched_clusters: keep the fresh initialisation of backbone cluster layers whose number of
             clusters differs (see :func:`models.load_official_state_dict`).
@@ -44,7 +52,7 @@ def load_mmengine_checkpoint(
     children = dict(model.named_children())
     if "backbone" not in children:
         raise ValueError(f"model must have a 'backbone' child (mmdet/mmseg layout), got children {sorted(children)}")
-    raw = read_checkpoint(checkpoint, weights_only=False) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state = flat_state_dict(raw)
     backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     heads = nn.ModuleDict({name: child for name, child in children.items() if name != "backbone"})
@@ -53,4 +61,5 @@ def load_mmengine_checkpoint(
         "backbone."
     ) + match_state_dict(heads, head_state)
     copy_matched(model, state, report, strict)
+    report.foreign = foreign_classes(raw)
     return report

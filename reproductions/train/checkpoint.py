@@ -4,8 +4,8 @@ and epoch, and every rank's random-number state.
 Every random draw of the training pipeline (shuffling aside, which is seeded by epoch) comes from torch's RNGs:
 the augmentations of :mod:`.transforms`/:mod:`.seg_data`, drop path, dropout, mixup. Saving each rank's CPU and
 CUDA RNG state therefore makes a resumed run (same world size, ``workers=0``) repeat an uninterrupted one step for
-step. The file is written atomically (temporary file, then rename) by rank 0 and loads with
-``torch.load(weights_only=True)``.
+step. The file is written atomically (temporary file, then rename) by rank 0 and is read by
+:func:`models.loading.read_checkpoint`, which runs no code from the file.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from models.loading import read_checkpoint
 from reproductions.train.distributed import DistContext, all_gather_objects
 
 __all__ = ["CHECKPOINT_VERSION", "load_checkpoint", "restore_rng_state", "rng_state", "save_checkpoint"]
@@ -54,12 +55,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass --resume auto to start fresh when it is absent"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"checkpoint {path} cannot be read ({error}); is it a training checkpoint of this pipeline?"
-        ) from error
+    state = read_checkpoint(path)
     missing = {"model", "optimizer", "scheduler", "step", "rng", "version"} - set(state)
     if missing:
         raise ValueError(

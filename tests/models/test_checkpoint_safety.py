@@ -1,0 +1,186 @@
+"""Every checkpoint reader runs no code from the file, reads genuine files with foreign metadata, and says
+clearly what is wrong with a file it cannot read."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import tempfile
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models import StateDictMismatchError, create_model, load_official_state_dict
+from models.heads import load_mmengine_checkpoint, paca_segmentor
+from models.loading import ForeignObject, foreign_classes, read_checkpoint
+from models.viz_cli import main as viz_main
+from reproductions.train.checkpoint import CHECKPOINT_VERSION, load_checkpoint
+
+TINY = "pacavit_tiny_p2cconv_100_0"
+SMALL = {"embed_dims": (16, 16, 16, 16), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}
+SYSTEM_CALL = f"{os.mkdir.__module__}.mkdir"  # posix.mkdir, as pickle names it
+
+
+class Payload:
+    """Pickles as a call of ``os.mkdir(marker)``: plain pickle creates the marker when it loads this."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_the_payload_is_live_under_plain_pickle(tmp_path: Path) -> None:
+    pickle.loads(pickle.dumps(Payload(tmp_path / "made")))
+    assert (tmp_path / "made").is_dir()
+
+
+def _backbone() -> torch.nn.Module:
+    return create_model(TINY, num_classes=10, **SMALL)
+
+
+def _segmentor() -> torch.nn.Module:
+    return paca_segmentor(create_model(TINY, features_only=True, **SMALL), [16] * 4, num_classes=3, channels=8)
+
+
+LOADERS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[Path], object]]] = {
+    "read_checkpoint": (_backbone, read_checkpoint),
+    "load_official_state_dict": (_backbone, lambda path: load_official_state_dict(_backbone(), path)),
+    "create_model(pretrained=)": (_backbone, lambda path: create_model(TINY, pretrained=path, num_classes=10, **SMALL)),
+    "load_mmengine_checkpoint": (_segmentor, lambda path: load_mmengine_checkpoint(_segmentor(), path)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_no_weights_loader_runs_code_from_the_file(tmp_path: Path, name: str) -> None:
+    build, load = LOADERS[name]
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
+    state = {f"module.{k}": v for k, v in build().state_dict().items()}
+    torch.save({"meta": {"epoch": 3, "hook": Payload(marker)}, "state_dict": state}, path)
+    result = load(path)
+    assert not marker.exists()
+    if isinstance(result, torch.nn.Module):  # create_model: the weights arrived
+        assert all(torch.equal(v, state[f"module.{k}"]) for k, v in result.state_dict().items())
+    elif name == "read_checkpoint":
+        assert isinstance(result["meta"]["hook"], ForeignObject) and result["meta"]["epoch"] == 3
+        assert foreign_classes(result) == [SYSTEM_CALL]
+    else:
+        assert result.foreign == [SYSTEM_CALL] and not result.missing and not result.unexpected
+
+
+def test_training_resume_runs_no_code_from_the_file(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    state = {"model": {}, "optimizer": {}, "scheduler": {}, "step": 1, "rng": {}, "version": CHECKPOINT_VERSION}
+    torch.save({**state, "extra": Payload(marker)}, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert not marker.exists()
+    assert isinstance(loaded["extra"], ForeignObject) and loaded["step"] == 1
+
+
+def test_the_viz_cli_runs_no_code_from_its_checkpoint(tmp_path: Path) -> None:
+    from PIL import Image
+
+    marker, path, image = tmp_path / "pwned", tmp_path / "evil.pth", tmp_path / "image.png"
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(image)
+    torch.save({"state_dict": {"w": torch.ones(1)}, "meta": Payload(marker)}, path)
+    with pytest.raises(StateDictMismatchError):  # read (safely), then refused: not the CLI's model
+        viz_main([str(image), TINY, "--out", str(tmp_path / "grid.png"), "--checkpoint", str(path), "--size", "32"])
+    assert not marker.exists()
+
+
+@pytest.fixture
+def mmengine_unavailable() -> Iterator[type]:
+    """A class that pickles under mmengine's module path, which is not importable when the file is read."""
+    names = ["mmengine", "mmengine.logging", "mmengine.logging.history_buffer"]
+    assert not any(name in sys.modules for name in names)
+    modules = {name: types.ModuleType(name) for name in names}
+
+    class HistoryBuffer:
+        def __init__(self) -> None:
+            self._log_history, self.max_length = [0.5, 0.25], 1000
+
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = "mmengine.logging.history_buffer", "HistoryBuffer"
+    modules["mmengine.logging.history_buffer"].HistoryBuffer = HistoryBuffer
+    sys.modules.update(modules)
+    try:
+        yield HistoryBuffer
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def test_a_genuine_mmengine_file_loads_without_mmengine(tmp_path: Path, mmengine_unavailable: type) -> None:
+    source = _segmentor()
+    checkpoint = {
+        "meta": {"mmseg_version": "1.2.2", "epoch": 80, "seed": np.int64(0), "hist": np.arange(3)},
+        "state_dict": {k: v.clone() for k, v in source.state_dict().items()},
+        "message_hub": {"log_scalars": {"train/loss": mmengine_unavailable()}, "runtime_info": {"iter": 160000}},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]},
+    }
+    torch.save(checkpoint, tmp_path / "iter_160000.pth")
+    for name in list(sys.modules):
+        if name.startswith("mmengine"):
+            sys.modules.pop(name, None)
+    target = _segmentor()
+    report = load_mmengine_checkpoint(target, tmp_path / "iter_160000.pth")
+    assert "mmengine.logging.history_buffer.HistoryBuffer" in report.foreign
+    assert any(name.startswith("numpy") for name in report.foreign)
+    assert sorted(report.loaded) == sorted(target.state_dict())
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+    buffer = read_checkpoint(tmp_path / "iter_160000.pth")["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buffer, ForeignObject) and buffer.state["_log_history"] == [0.5, 0.25]
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {"w": torch.ones(64, 64)}}, good)
+    files = {
+        "empty": (b"", "is empty"),
+        "truncated": (good.read_bytes()[: good.stat().st_size // 2], "damaged or truncated zip archive"),
+        "text": (b"this is a README, not weights\n" * 4, "starting with b'this is "),
+        "image": (b"\x89PNG\r\n\x1a\n" + bytes(64), "starting with b'\\x89PNG"),
+    }
+    out = {}
+    for name, (content, message) in files.items():
+        (tmp_path / f"{name}.pth").write_bytes(content)
+        out[name] = (tmp_path / f"{name}.pth", message)
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    out["list"] = (tmp_path / "list.pth", "holds a list, expected a dict")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "image", "list"])
+def test_unreadable_files_get_one_clear_message_that_never_advises_unsafe_loading(tmp_path: Path, kind: str) -> None:
+    path, message = _bad_files(tmp_path)[kind]
+    for load in (read_checkpoint, lambda p: load_official_state_dict(_backbone(), p), load_checkpoint):
+        with pytest.raises(ValueError, match="checkpoint file") as info:
+            load(path)
+        assert str(path) in str(info.value) and message in str(info.value)
+        assert "weights_only=False" not in str(info.value)
+
+
+def test_a_missing_file_is_named() -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
+        read_checkpoint("nope.pth")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(content=st.binary(max_size=200) | st.builds(lambda body: b"\x80\x02" + body + b".", st.binary(max_size=60)))
+def test_arbitrary_bytes_are_refused_cleanly_or_read_inertly(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "file.pth"
+        path.write_bytes(content)
+        try:
+            result = read_checkpoint(path)
+        except ValueError as err:  # never another type, never a raw internal error
+            assert str(path) in str(err) and "weights_only=False" not in str(err)
+        else:
+            assert isinstance(result, dict)
