@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,9 +20,35 @@ _LAYOUT_HINT = (
 )
 
 
+_NOT_SCRIPTABLE = (
+    "{} cannot be compiled by torch.jit.script (TorchScript lacks the Python it uses); use torch.compile for "
+    "speed, or torch.export / torch.onnx.export(dynamo=True) for deployment"
+)
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum`` (Python and numpy ints; not bools, floats or strings),
+    else a TypeError or ValueError that names ``name``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
 def _check_tokens(name: str, t: Tensor, dim: int, hint: str = _LAYOUT_HINT) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, C), got {type(t).__name__}")
     if t.dim() != 3 or t.shape[-1] != dim:
         raise ValueError(f"{name} must have shape (B, N, C) with C = dim = {dim}, got {tuple(t.shape)}{hint}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (the layer's weights are), got {t.dtype}; use {name}.float()"
+        )
 
 
 def check_inputs(

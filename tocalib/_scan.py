@@ -88,7 +88,7 @@ def scan_forward(
     positions, the state before it, its dropout mask and (unless ``config.recompute``) its inputs and
     intermediates."""
     n = q.shape[1]
-    block = config.chunk * max(1, BLOCK // (config.chunk * q.shape[0]))
+    block = config.chunk * max(1, BLOCK // (config.chunk * max(1, q.shape[0])))
     out = q.new_empty(q.shape)
     weights, blocks = [], []
     for lo in range(0, n, block):

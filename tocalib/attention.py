@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib._checks import check_inputs, check_step
+from tocalib._checks import _NOT_SCRIPTABLE, check_inputs, check_int, check_step
 from tocalib.causal import (
     ClusterState,
     KVCache,
@@ -120,15 +120,13 @@ class ToCaAttention(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if dim < 1 or num_heads < 1 or dim % num_heads != 0:
+        dim, num_heads = check_int("dim", dim, 1), check_int("num_heads", num_heads, 1)
+        num_clusters, chunk_size = check_int("num_clusters", num_clusters, 0), check_int("chunk_size", chunk_size, 1)
+        if dim % num_heads != 0:
             raise ValueError(
                 f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}); "
                 f"choose num_heads among the divisors of dim"
             )
-        if num_clusters < 0:
-            raise ValueError(f"num_clusters must be >= 0 (0 = full self-attention), got {num_clusters}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.dim, self.num_heads, self.num_clusters = dim, num_heads, num_clusters
         self.head_dim = dim // num_heads
         self.attn_drop_p = attn_drop
@@ -357,6 +355,10 @@ class ToCaAttention(nn.Module):
         weights = scores.softmax(dim=-1)
         return torch.matmul(self.attn_drop(weights), v), weights
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: ToCa uses Python that TorchScript cannot compile."""
+        raise TypeError(_NOT_SCRIPTABLE.format(type(self).__name__))
+
     def macs(self, num_tokens: int, computes_assignment: bool | None = None, context_tokens: int | None = None) -> int:
         """Analytic multiply-accumulates of one forward pass on one sequence of ``num_tokens`` tokens.
 
@@ -366,8 +368,8 @@ class ToCaAttention(nn.Module):
         this call runs the clustering or reuses a given assignment; ``context_tokens`` is the
         context length L in cross-attention.
         """
-        n, c, m = num_tokens, self.dim, self.num_clusters
-        length = n if context_tokens is None else context_tokens
+        n, c, m = check_int("num_tokens", num_tokens, 0), self.dim, self.num_clusters
+        length = n if context_tokens is None else check_int("context_tokens", context_tokens, 0)
         total = 2 * n * c * c  # q and proj
         if m == 0:
             pairs = n * (n + 1) // 2 if self.causal else n * length  # a causal kernel skips the masked pairs

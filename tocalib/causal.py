@@ -197,9 +197,9 @@ def causal_cluster_attention(
     if state is None:
         state = ClusterState(logits.new_full((b, m), PAD_LOGIT, dtype=f32), queries.new_zeros(b, m, width, dtype=f32))
     start, pooled = state.log_normalizer.to(f32), state.pooled.to(f32).transpose(-1, -2)  # the scan's (B, F, M)
-    if n == 0:
-        weights = queries.new_zeros(b, num_heads, 0, m) if need_weights else None
-        return queries.new_zeros(b, 0, c), weights, state if final_state else None
+    if n == 0 or b == 0:  # nothing to attend: no position, or no sequence
+        weights = queries.new_zeros(b, num_heads, n, m) if need_weights else None
+        return queries * 0.0, weights, state if final_state else None  # empty, and in the graph
     logits = logits.to(f32).clamp_min(PAD_LOGIT)
     config = ScanConfig(num_heads, min(chunk_size, n), eps, dropout_p, need_weights, final_state, recompute)
     streams = [queries.to(f32), keys.to(f32), values.to(f32), None if tokens is None else tokens.to(f32)]

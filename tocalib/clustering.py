@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tocalib._checks import check_int
 from tocalib.pooling import SCATTER_BACKENDS
 
 __all__ = [
@@ -113,10 +114,8 @@ class Clustering(nn.Module):
 
     def __init__(self, dim: int, num_clusters: int) -> None:
         super().__init__()
-        if num_clusters < 1:
-            raise ValueError(f"num_clusters must be >= 1 for a clustering function, got {num_clusters}")
-        self.dim = dim
-        self.num_clusters = num_clusters
+        self.dim = check_int("dim", dim, 1)
+        self.num_clusters = check_int("num_clusters", num_clusters, 1)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_clusters={self.num_clusters}"
@@ -257,7 +256,7 @@ class Conv2dClustering(_ConvClustering):
                 f"conv2d clustering needs the token layout size=(H, W) with H*W == N (N={n}), got "
                 f"size={size!r}; pass size=(H, W), or use clustering='mlp' or 'conv1d' for sequences"
             )
-        h, w = size
+        h, w = (check_int(f"size[{i}]", side, 1) for i, side in enumerate(size))
         if h * w != n:
             raise ValueError(f"size={tuple(size)} gives H*W={h * w} but x has N={n} tokens; they must match")
         grid = x.transpose(1, 2).reshape(b, c, h, w)

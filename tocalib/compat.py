@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tocalib._checks import _NOT_SCRIPTABLE, check_int
 from tocalib.causal import ClusterState, KVCache, Projections, causal_toca, causal_toca_step, full_attention_step
 from tocalib.clustering import build_clustering
 from tocalib.pooling import cluster_counts, hard_assign, pool, scatter_mean_pool, soft_assign
@@ -94,10 +95,7 @@ class ToCaMultiheadAttention(nn.MultiheadAttention):
         super().__init__(
             embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype
         )
-        if not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 0:
-            raise ValueError(f"num_clusters must be an int >= 0 (0 = nn.MultiheadAttention), got {num_clusters!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        num_clusters, chunk_size = check_int("num_clusters", num_clusters, 0), check_int("chunk_size", chunk_size, 1)
         self.num_clusters, self.causal, self.chunk_size, self.recompute = num_clusters, causal, chunk_size, recompute
         factory = {"device": device, "dtype": dtype}
         self.clustering = self.cluster_norm = self.value_norm = None
@@ -131,6 +129,11 @@ class ToCaMultiheadAttention(nn.MultiheadAttention):
         if unexpected or any(not key.startswith(fresh) for key in missing):
             raise ValueError(f"{type(mha).__name__} does not match: missing {missing}, unexpected {unexpected}")
         return layer.train(mha.training)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: this forward is not TorchScript (with num_clusters=0, a
+        plain ``nn.MultiheadAttention`` takes this layer's state dict and scripts)."""
+        raise TypeError(_NOT_SCRIPTABLE.format(type(self).__name__))
 
     def extra_repr(self) -> str:
         return f"num_clusters={self.num_clusters}, causal={self.causal}, batch_first={self.batch_first}"

@@ -17,6 +17,11 @@ def unpack(x: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
     """Packed (T, C) → padded (S, max_len, C) and its padding mask (S, max_len), True = padding."""
     if x.dim() != 2:
         raise ValueError(f"packed x must have shape (T, C), got {tuple(x.shape)}")
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(
+            f"cu_seqlens must be a 1-D int tensor [0, l_0, l_0 + l_1, ..., T], got a {type(cu_seqlens).__name__}; "
+            "wrap it with torch.tensor(cu_seqlens)"
+        )
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
         raise ValueError(
             f"cu_seqlens must be a 1-D int tensor [0, l_0, l_0 + l_1, ..., T] with at least 2 entries, got "

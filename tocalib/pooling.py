@@ -42,14 +42,17 @@ def soft_assign(logits: Tensor, keep: Tensor | None = None) -> Tensor:
 
     Returns:
         (B, M, N) in ``logits.dtype``; each row sums to 1 over the real tokens, or is all zero when a
-        sequence has no real token. The softmax runs in at least float32 so bf16/fp16 inputs stay accurate.
+        sequence has no real token or a cluster's logits are -inf at every token (an empty cluster, not
+        NaN, forward and backward). The softmax runs in at least float32 so bf16/fp16 inputs stay accurate.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    if keep is None:
-        return logits.softmax(dim=-1, dtype=dtype).to(logits.dtype)
-    keep3 = keep.unsqueeze(1)  # (B, 1, N)
-    scores = logits.to(dtype).masked_fill(~keep3, torch.finfo(dtype).min)
-    return (scores.softmax(dim=-1) * keep3).to(logits.dtype)
+    scores = logits.to(dtype)
+    if keep is not None:
+        keep3 = keep.unsqueeze(1)  # (B, 1, N)
+        scores = scores.masked_fill(~keep3, torch.finfo(dtype).min)
+    live = (scores > float("-inf")).any(dim=-1, keepdim=True)  # (B, M, 1): some token may join the cluster
+    probs = scores.masked_fill(~live, 0.0).softmax(dim=-1) * live
+    return (probs if keep is None else probs * keep3).to(logits.dtype)
 
 
 def pool(assignment: Tensor, x: Tensor) -> Tensor:
@@ -85,7 +88,8 @@ def cluster_counts(index: Tensor, weight: Tensor, num_clusters: int) -> Tensor:
 
 
 def scatter_mean_pool(x: Tensor, index: Tensor, weight: Tensor, counts: Tensor, backend: str = "torch") -> Tensor:
-    """Mean of each cluster's members, by scatter: (B, N, C) → (B, M, C). Empty clusters give 0.
+    """Mean of each cluster's members, by scatter: (B, N, C) → (B, M, C). Empty clusters give 0. The sums
+    run in at least float32, so half-precision inputs cannot overflow them.
 
     Args:
         x: (B, N, C) tokens.
@@ -99,15 +103,16 @@ def scatter_mean_pool(x: Tensor, index: Tensor, weight: Tensor, counts: Tensor, 
         raise ValueError(f"scatter backend {backend!r} is unknown; expected one of {SCATTER_BACKENDS}")
     b, n, c = x.shape
     num_clusters = counts.shape[1]
-    weighted = x * weight.unsqueeze(-1)
+    acc = torch.promote_types(x.dtype, torch.float32)  # half-precision sums of many members overflow
+    weighted = x.to(acc) * weight.to(acc).unsqueeze(-1)
     flat_index = (index + num_clusters * torch.arange(b, device=x.device).unsqueeze(1)).reshape(-1)
     if backend == "torch":
-        sums = x.new_zeros(b * num_clusters, c).index_add_(0, flat_index, weighted.reshape(b * n, c))
+        sums = weighted.new_zeros(b * num_clusters, c).index_add_(0, flat_index, weighted.reshape(b * n, c))
     else:
         sums = _torch_scatter().scatter(
             weighted.reshape(b * n, c), flat_index, dim=0, dim_size=b * num_clusters, reduce="sum"
         )
-    return sums.reshape(b, num_clusters, c) / counts.clamp_min(1).unsqueeze(-1)
+    return (sums.reshape(b, num_clusters, c) / counts.clamp_min(1).unsqueeze(-1)).to(x.dtype)
 
 
 def hard_assignment_matrix(index: Tensor, weight: Tensor, counts: Tensor) -> Tensor:

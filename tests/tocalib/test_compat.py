@@ -246,8 +246,10 @@ def test_with_clusters_what_toca_cannot_honour_is_refused_clearly():
         layer(x, x.clone(), x.clone(), is_causal=True)
     with pytest.raises(ValueError, match="clustering_kwargs=\\{'causal': True\\}"):
         ToCaMultiheadAttention(16, 4, num_clusters=5, clustering="conv1d")(x, x, x, is_causal=True)
-    with pytest.raises(ValueError, match="num_clusters must be an int >= 0"):
+    with pytest.raises(TypeError, match=r"num_clusters must be an int, got float 2\.5"):
         ToCaMultiheadAttention(16, 4, num_clusters=2.5)
+    with pytest.raises(ValueError, match="num_clusters must be >= 0, got -1"):
+        ToCaMultiheadAttention(16, 4, num_clusters=-1)
 
 
 def test_the_drop_in_decodes_with_the_same_state():
