@@ -75,7 +75,31 @@ def check_inputs(
                 f"assignment must be a floating tensor of shape (B, M, L) = {(b, layer.num_clusters, length)}, "
                 f"got {assignment.dtype} {tuple(assignment.shape)}"
             )
-    return _keep(key_padding_mask, b, length)
+    keep = _keep(key_padding_mask, b, length)
+    if (
+        assignment is not None
+        and layer.check_assignment
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    ):
+        _check_assignment(assignment, keep)
+    return keep
+
+
+def _check_assignment(assignment: Tensor, keep: Tensor | None) -> None:
+    """A given assignment must be a distribution over the tokens: non-negative, each row summing to 1
+    over the real tokens (or to 0: a cluster nobody joins), within a tolerance for its dtype."""
+    tolerance = 1e-2 if torch.finfo(assignment.dtype).bits <= 16 else 1e-3
+    with torch.no_grad():
+        lowest = assignment.min() if assignment.numel() else assignment.new_zeros(())
+        sums = (assignment if keep is None else assignment * keep.unsqueeze(1)).float().sum(-1)
+        bad = ((sums - 1).abs() > tolerance) & (sums.abs() > tolerance)
+        if lowest < -tolerance or bad.any():
+            raise ValueError(
+                f"assignment must hold, per cluster, weights >= 0 that sum to 1 over the real tokens (a softmax over "
+                f"the token axis), got a minimum of {float(lowest):.3g} and row sums from {float(sums.min()):.3g} "
+                f"to {float(sums.max()):.3g}; normalise with logits.softmax(-1), or set layer.check_assignment = "
+                "False to skip this check"
+            )
 
 
 def _keep(key_padding_mask: Tensor | None, b: int, length: int) -> Tensor | None:

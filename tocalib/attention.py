@@ -99,6 +99,10 @@ class ToCaAttention(nn.Module):
         torch.Size([2, 100, 64])
     """
 
+    check_assignment: bool = True
+    """Whether a given ``assignment=`` is checked to be a distribution over the tokens (one reduction and
+    a host sync per call; set it to False on a layer, or on the class, to skip the check)."""
+
     def __init__(
         self,
         dim: int,
@@ -172,7 +176,8 @@ class ToCaAttention(nn.Module):
             size: layout of the clustered tokens, ``(H, W)`` for 2-D clustering; ignored otherwise.
             key_padding_mask: (B, L) bool over the clustered tokens (x, or ``context``), True marks
                 padding: padded tokens get zero weight in every cluster, so nothing depends on them.
-            assignment: (B, M, L) an already normalised assignment to reuse instead of clustering.
+            assignment: (B, M, L) an already normalised assignment to reuse instead of clustering: weights
+                >= 0 whose rows sum to 1 over the real tokens (checked, see ``check_assignment``).
             context: (B, L, C) cross-attention: clusters are pooled from these tokens instead of x.
             cu_seqlens: (S + 1,) int cumulative lengths of S sequences packed into x (T, C); the output
                 is packed the same way and equals the padded computation.

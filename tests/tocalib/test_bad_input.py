@@ -82,12 +82,9 @@ def test_cu_seqlens_must_be_a_tensor() -> None:
         ToCaAttention(16, 2, 4)(torch.randn(3, 16), cu_seqlens=[0, 3])
 
 
-@pytest.mark.parametrize("clusters", [0, 4])
-@pytest.mark.parametrize("kind", ["mlp", "hard", "causal"])
+@pytest.mark.parametrize(("clusters", "kind"), [(0, "mlp"), (4, "mlp"), (4, "hard"), (0, "causal"), (4, "causal")])
 @pytest.mark.parametrize(("batch", "tokens"), [(2, 0), (0, 5), (0, 0)])
 def test_empty_sequences_and_batches_give_empty_results(clusters: int, kind: str, batch: int, tokens: int) -> None:
-    if kind == "hard" and not clusters:
-        pytest.skip("hard clustering needs clusters")
     layer = ToCaAttention(16, 2, clusters, clustering="hard" if kind == "hard" else "mlp", causal=kind == "causal")
     x = torch.randn(batch, tokens, 16, requires_grad=True)
     y = layer(x)
@@ -152,3 +149,29 @@ def test_hard_clustering_stays_finite_in_half_precision_for_large_inputs(dtype: 
 def test_torchscript_is_refused_with_what_to_use_instead(build: Callable[[], nn.Module]) -> None:
     with pytest.raises(TypeError, match=r"use torch\.compile .* torch\.export"):
         torch.jit.script(build())
+
+
+@pytest.mark.parametrize(("make", "found"), [
+    (lambda a: a * 3, "row sums from 3"),
+    (lambda a: a - 0.5 / a.shape[-1], "a minimum of -"),
+    (lambda a: torch.rand_like(a), "row sums from"),
+])  # fmt: skip
+def test_a_given_assignment_must_be_a_distribution_over_the_tokens(make, found: str) -> None:
+    layer = ToCaAttention(16, 2, 4, clustering=None)
+    x, good = torch.randn(2, 9, 16), torch.randn(2, 4, 9).softmax(-1)
+    with pytest.raises(ValueError, match=f"sum to 1 over the real tokens .* {found}.*check_assignment = False"):
+        layer(x, assignment=make(good))
+    layer.check_assignment = False
+    assert layer(x, assignment=make(good)).shape == x.shape
+
+
+def test_a_given_assignment_may_leave_padding_and_clusters_empty() -> None:
+    layer = ToCaAttention(16, 2, 4, clustering=None)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    logits = torch.randn(2, 4, 9).masked_fill(mask.unsqueeze(1), float("-inf"))
+    assignment = logits.softmax(-1)
+    assignment[0, 2] = 0.0  # a cluster nobody joins
+    assignment[1, :, 6:] = 0.3  # weight on padding is ignored: the rows sum to 1 over the real tokens
+    y = layer(torch.randn(2, 9, 16), key_padding_mask=mask, assignment=assignment)
+    assert y.isfinite().all()

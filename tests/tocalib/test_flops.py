@@ -38,7 +38,7 @@ def test_analytic_macs_equal_measured_macs(kind, heads, head_dim, clusters, h, w
 
 def test_analytic_macs_of_a_layer_reusing_an_assignment_equal_measured_macs():
     layer = ToCaAttention(32, 4, 10, clustering=None).eval()
-    x, c = torch.randn(2, 50, 32), torch.rand(2, 10, 50)
+    x, c = torch.randn(2, 50, 32), torch.rand(2, 10, 50).softmax(-1)
     assert count_macs(layer, x, assignment=c) == 2 * layer.macs(50) == toca_macs(50, 32, 4, 10, None, batch_size=2)
 
 
