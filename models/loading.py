@@ -19,13 +19,16 @@ Rules:
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import re
 import types
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor, _weights_only_unpickler, nn
@@ -149,6 +152,13 @@ class ForeignObject:
     def extend(self, values: object) -> None:
         self.items.extend(values)
 
+    def __call__(self, *args: object, **kwargs: object) -> ForeignObject:
+        """A foreign callable (a ``functools.partial``, a factory) called by the pickle: another record, which
+        keeps the called one among its items."""
+        result = type(self)(*args, **kwargs)
+        result.items.append(self)
+        return result
+
     def __repr__(self) -> str:
         return f"<foreign {self.qualname}>"
 
@@ -163,14 +173,42 @@ def _foreign_class(module: str, name: str) -> type[ForeignObject]:
     return _FOREIGN[qualname]
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only what ``torch.load(weights_only=True)`` allows (tensors, storages, dtypes, containers);
-    every other global becomes a :class:`ForeignObject` subclass, so nothing named by the file is imported
-    or called."""
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as pickle uses it for bytes (protocol 2), which never imports a codec module."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing the text encoding {encoding!r} (pickled bytes use latin1)")
+    return text.encode("latin1")
+
+
+_SETTABLE = (Tensor, collections.OrderedDict, collections.Counter, ForeignObject)
+"""What the pickle's BUILD may set state on: tensors (their ``__setstate__``), state dicts' ``_metadata`` and
+records. Never a class or a function, whose attributes would change for the whole process."""
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler, whose opcodes can be overridden
+    """Resolves only what ``torch.load(weights_only=True)`` allows (tensors, storages, dtypes, containers,
+    and what the user allowed with ``torch.serialization.add_safe_globals``); every other global becomes a
+    :class:`ForeignObject` subclass, so nothing named by the file is imported or called. BUILD sets state
+    only on :data:`_SETTABLE` instances."""
+
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> object:
-        allowed = _weights_only_unpickler._get_allowed_globals().get(f"{module}.{name}")
+        qualname = f"{module}.{name}"
+        if qualname == "_codecs.encode":
+            return _latin1
+        allowed = _weights_only_unpickler._get_allowed_globals().get(qualname)
+        if allowed is None:
+            allowed = _weights_only_unpickler._get_user_allowed_globals().get(qualname)
         return allowed if allowed is not None else _foreign_class(module, name)
+
+    def load_build(self) -> None:
+        target = self.stack[-2]  # below the state
+        if isinstance(target, type) or not isinstance(target, _SETTABLE):
+            raise pickle.UnpicklingError(f"refusing to set the state of a {type(target).__name__} {target!r}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 _RESTRICTED_PICKLE = types.ModuleType("restricted_pickle", "pickle, with globals restricted (models.loading)")
@@ -193,24 +231,27 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, object]:
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"checkpoint file {name!r} is empty (0 bytes); expected a file written by torch.save")
+    archive = zipfile.is_zipfile(path)
     try:
         try:
             content = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:  # objects beyond torch's allowlist: the restricted unpickler
-            if "Weights only load failed" not in str(err):
-                raise
+            if "Weights only load failed" not in str(err) or not archive:
+                raise  # a legacy (pre-1.6) file's loader acts on what it unpickles: no second try there
             content = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception as err:  # torch raises many types for damaged files
         with open(path, "rb") as file:
             head = file.read(8)
-        found = (
-            f"a damaged or truncated zip archive of {size} bytes"
-            if head.startswith(b"PK")
-            else f"{size} bytes starting with {head!r}"
-        )
+        if archive and "PytorchStreamReader" not in str(err):
+            found = f"a zip archive of {size} bytes whose pickled content cannot be read safely"
+        elif head.startswith(b"PK"):
+            found = f"a damaged or truncated zip archive of {size} bytes"
+        else:
+            found = f"{size} bytes starting with {head!r}"
         raise ValueError(
-            f"checkpoint file {name!r} is not a readable torch.save checkpoint: found {found} ({type(err).__name__}: "
-            f"{err}); expected a .pth/.pt file written by torch.save, complete"
+            f"checkpoint file {name!r} is not a readable torch.save checkpoint: found {found} ({_reason(err)}); "
+            "expected a complete .pth/.pt file written by torch.save (a legacy pre-1.6 file is read only when it "
+            "holds tensors and plain values)"
         ) from err
     if not isinstance(content, Mapping):
         raise ValueError(
@@ -220,14 +261,29 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, object]:
     return content
 
 
+def _reason(err: Exception) -> str:
+    """The error's own words, without torch's advice to load with ``weights_only=False`` (which would run
+    whatever code the file holds)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n", 1)[0]
+    return f"{type(err).__name__}: {text}"
+
+
 def foreign_classes(content: object) -> list[str]:
     """The classes that :func:`read_checkpoint` kept as :class:`ForeignObject` records, anywhere in
     ``content`` (dicts, lists, tuples and the records' own arguments and state), sorted and unique."""
     found: set[str] = set()
+    seen: set[int] = set()  # pickles can hold cycles and shared parts
     stack = [content]
     while stack:
         item = stack.pop()
-        if isinstance(item, ForeignObject):
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, type) and issubclass(item, ForeignObject):  # a foreign class passed as a value
+            found.add(item.qualname)
+        elif isinstance(item, ForeignObject):
             found.add(item.qualname)
             stack.extend([*item.args, *item.kwargs.values(), item.state, *item.items])
         elif isinstance(item, Mapping):

@@ -6,6 +6,9 @@ task's loss under autocast (fp16 with a dynamic grad scaler, on CUDA when ``amp`
 backward, optional gradient clipping, the optimizer and lr-scheduler steps, the optional EMA update. Every
 ``eval_every`` steps it evaluates (the EMA weights too), and it checkpoints every ``save_every`` steps, after each
 evaluation, at the end, and when ``stop_after`` ends a run early (a job time limit): rerun with ``--resume auto``.
+A resumed run keeps the checkpoint's settings: one that changes a hyper-parameter is refused, with every difference
+listed (:data:`RESUME_MAY_CHANGE` names what may change: where and how it runs, logs and evaluates, and the
+schedule's length).
 
 Rank 0 writes ``log.txt`` (what is printed), ``metrics.jsonl`` (one JSON record per log or evaluation, each with
 its ``step``), ``last.pt`` (the resumable checkpoint), ``best.pt`` (the weights with the best key metric) and
@@ -189,6 +192,14 @@ def evaluate_only(model: nn.Module, task: Task, log: RunLog) -> dict[str, float]
     return metrics
 
 
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "stop_after", "out", "workers", "log_every", "save_every", "device", "compile", "channels_last",
+    "data", "eval_batch_size", "eval_every", "eval_every_epochs", "epochs", "iterations", "pretrained", "checkpoint",
+})  # fmt: skip
+"""Config fields that may differ between a run and the checkpoint it resumes: where and how it runs, logs and
+evaluates, and the schedule's length (a longer one extends the run). Any other difference is refused."""
+
+
 def resolve_resume(resume: str | None, out_dir: Path, log: RunLog) -> Path | None:
     """``--resume``: ``None`` starts fresh, ``"auto"`` takes ``out_dir/last.pt`` when it exists, else a path.
 
@@ -304,6 +315,18 @@ class Trainer:
             (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
+        changed = {
+            name: (state["config"].get(name), value)
+            for name, value in self.config.items()
+            if name not in RESUME_MAY_CHANGE and state["config"].get(name) != value
+        }
+        if changed:
+            listed = "; ".join(f"{key}: {was!r} in the checkpoint, {now!r} now" for key, (was, now) in changed.items())
+            raise ValueError(
+                f"{path} was trained with other settings ({listed}): a resumed run keeps its settings, so that it "
+                "repeats an uninterrupted one; resume with the checkpoint's values (its config.json), or start a new "
+                "run with --pretrained for new ones"
+            )
         global_batch = self.settings.batch_size * self.ctx.world_size
         if state["global_batch"] != global_batch:
             raise ValueError(

@@ -3,8 +3,10 @@ clearly what is wrong with a file it cannot read."""
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
+import struct
 import sys
 import tempfile
 import types
@@ -184,3 +186,83 @@ def test_arbitrary_bytes_are_refused_cleanly_or_read_inertly(content: bytes) -> 
             assert str(path) in str(err) and "weights_only=False" not in str(err)
         else:
             assert isinstance(result, dict)
+
+
+def _text(value: str) -> bytes:  # a BINUNICODE opcode
+    return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
+
+
+def _fake_pickle_module(payload: bytes) -> types.ModuleType:
+    """A pickle module whose Pickler writes ``payload`` as the checkpoint's data.pkl (torch.save's zip)."""
+
+    class Pickler:
+        def __init__(self, file: object, protocol: object = None) -> None:
+            self.file = file
+
+        def dump(self, obj: object) -> None:
+            self.file.write(payload)
+
+    return types.SimpleNamespace(Pickler=Pickler, __name__="fake_pickle")
+
+
+def test_a_pickle_cannot_change_classes_or_functions_of_the_process(tmp_path: Path) -> None:
+    """BUILD on an allowed class or function would set its attributes for the whole process."""
+    counter_update = _text("a") + b"ccollections\nCounter\n" + b"N}" + _text("update") + b"cevil\nThing\n" + b"s\x86b"
+    defaults = _text("b") + b"ctorch._utils\n_rebuild_tensor_v2\n" + b"N}" + _text("__defaults__") + _text("x")
+    defaults += b"\x85s\x86b"
+    for part in (counter_update, defaults):
+        path = tmp_path / "poison.pth"
+        torch.save({}, path, pickle_module=_fake_pickle_module(b"\x80\x02}" + part + b"s."))
+        with pytest.raises(ValueError, match="refusing to set the state of a "):
+            read_checkpoint(path)
+    assert collections.Counter("aab") == {"a": 2, "b": 1}
+    assert torch._utils._rebuild_tensor_v2.__defaults__ != ("x",)
+
+
+def test_the_restricted_reader_looks_up_no_codec_by_name(tmp_path: Path) -> None:
+    """(torch's own weights-only reader imports ``encodings.<name>`` here; the foreign object sends the file
+    to the restricted reader, which only encodes latin1, as pickled bytes need.)"""
+    foreign = _text("e") + b"cevil\nThing\n)R"
+    payload = b"\x80\x02}(" + foreign + _text("d") + b"c_codecs\nencode\n" + _text("x") + _text("idna") + b"\x86Ru."
+    torch.save({}, tmp_path / "codec.pth", pickle_module=_fake_pickle_module(payload))
+    with pytest.raises(ValueError, match="refusing the text encoding 'idna'"):
+        read_checkpoint(tmp_path / "codec.pth")
+
+
+def test_a_legacy_file_that_needs_more_than_tensors_is_refused_unread(tmp_path: Path) -> None:
+    """torch's legacy loader acts on what it unpickles (here: it would write ``<name>.patch``), so a legacy
+    file gets no second, restricted try."""
+    target = tmp_path / "written"
+    main = (
+        b"\x80\x02}" + _text("k") + b"ctorch._utils\n_rebuild_tensor_v2\nq\x01"
+        + b"}" + _text("dump_patches") + b"\x88s" + b"}" + _text("__name__") + _text(str(target)) + b"s\x86b0"
+        + b"(" + _text("module") + b"h\x01" + _text("x.py") + _text("ATTACKER CONTENT") + b"tQs."
+    )  # fmt: skip
+    header = dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4))
+    with open(tmp_path / "legacy.pth", "wb") as file:
+        for part in (0x1950A86A20F9469CFC6C, 1001, header):
+            file.write(pickle.dumps(part, protocol=2))
+        file.write(main + pickle.dumps([], protocol=2))
+    with pytest.raises(ValueError, match=r"a legacy pre-1\.6 file is read only when it holds tensors"):
+        read_checkpoint(tmp_path / "legacy.pth")
+    assert not any(tmp_path.glob("written*"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain_legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(tmp_path / "plain_legacy.pth")["w"], torch.ones(2))
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_cycles_and_shared_parts_are_listed_once_and_quickly(tmp_path: Path, mmengine_unavailable: type) -> None:
+    shared: list = [mmengine_unavailable()]
+    for _ in range(40):  # 2**40 paths, 41 objects
+        shared = [shared, shared]
+    loop: list = []
+    loop.append(loop)
+    torch.save({"meta": {"dag": shared, "loop": loop, "node": _Node()}}, tmp_path / "cycles.pth")
+    content = read_checkpoint(tmp_path / "cycles.pth")
+    assert foreign_classes(content) == sorted([f"{__name__}._Node", "mmengine.logging.history_buffer.HistoryBuffer"])
+    node = content["meta"]["node"]
+    assert isinstance(node, ForeignObject) and node.state["me"] is node

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tocalib import ToCaAttention, ToCaMultiheadAttention, build_clustering
-from tocalib.pooling import cluster_counts, hard_assign, scatter_mean_pool
+from tocalib.pooling import cluster_counts, hard_assign, scatter_mean_pool, soft_assign
 
 NOT_INTS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=3), st.none(), st.just([2])
@@ -175,3 +175,13 @@ def test_a_given_assignment_may_leave_padding_and_clusters_empty() -> None:
     assignment[1, :, 6:] = 0.3  # weight on padding is ignored: the rows sum to 1 over the real tokens
     y = layer(torch.randn(2, 9, 16), key_padding_mask=mask, assignment=assignment)
     assert y.isfinite().all()
+
+
+def test_soft_assign_empties_only_clusters_no_token_may_join_and_keeps_nan_visible() -> None:
+    logits = torch.randn(1, 3, 5)
+    logits[0, 0] = float("-inf")
+    logits[0, 1] = float("nan")
+    assignment = soft_assign(logits)
+    assert torch.equal(assignment[0, 0], torch.zeros(5))
+    assert assignment[0, 1].isnan().all()  # bad input is not hidden
+    assert torch.equal(assignment[0, 2], logits[0, 2].softmax(-1))

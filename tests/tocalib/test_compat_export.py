@@ -38,6 +38,27 @@ def test_torch_export_with_a_dynamic_sequence_length_and_padding_mask():
         torch.testing.assert_close(program.module()(x, key_padding_mask=pad), expected, atol=1e-5, rtol=1e-5)
 
 
+class _Grid(torch.nn.Module):
+    """A feature map through conv2d ToCa, its size taken from the input as PaCa-ViT does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = ToCaAttention(16, 2, 4, clustering="conv2d")
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = image.shape
+        return self.attn(image.flatten(2).transpose(1, 2), size=(h, w))
+
+
+def test_torch_export_with_a_dynamic_grid_keeps_the_size_symbolic():
+    torch.manual_seed(0)
+    model = _Grid().eval()
+    h, w = torch.export.Dim("h", min=4, max=64), torch.export.Dim("w", min=4, max=64)
+    program = torch.export.export(model, (torch.randn(1, 16, 8, 8),), dynamic_shapes={"image": {2: h, 3: w}})
+    image = torch.randn(1, 16, 6, 10)
+    torch.testing.assert_close(program.module()(image), model(image), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings(
     r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
 )  # torch.onnx's own

@@ -56,7 +56,13 @@ class Task:
 
 
 def _trainer(
-    out: Path, resume: Path | None = None, ema: float = 0.0, task: Task | None = None, total: int = 10, **kw
+    out: Path,
+    resume: Path | None = None,
+    ema: float = 0.0,
+    task: Task | None = None,
+    total: int = 10,
+    config: dict | None = None,
+    **kw,
 ) -> Trainer:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.GELU(), nn.Linear(16, 2))
@@ -74,7 +80,7 @@ def _trainer(
         settings,
         CTX,
         out,
-        {"name": "test"},
+        config or {"name": "test"},
         RunLog(out, CTX),
         resume=resume,
     )
@@ -202,3 +208,13 @@ def test_resume_auto_without_a_checkpoint_moves_old_records_aside(tmp_path: Path
     assert resolve_resume("auto", tmp_path, log) is None
     assert (tmp_path / "metrics.1.jsonl").exists() and not (tmp_path / "metrics.jsonl").exists()
     _trainer(tmp_path).fit()
+
+
+def test_a_resume_that_changes_hyper_parameters_is_refused_with_every_difference(tmp_path: Path) -> None:
+    config = {"name": "test", "lr": 1e-2, "weight_decay": 0.05, "workers": 0, "stop_after": 2, "epochs": 3}
+    _trainer(tmp_path, config=config, stop_after=2).fit()
+    changed = {**config, "lr": 5e-3, "weight_decay": 0.1, "workers": 4, "stop_after": None, "epochs": 6}
+    with pytest.raises(ValueError, match=r"lr: 0\.01 in the checkpoint, 0\.005 now; weight_decay: 0\.05 .* 0\.1 now\)"):
+        _trainer(tmp_path, resume=tmp_path / "last.pt", config=changed)
+    allowed = {**config, "workers": 4, "stop_after": None, "epochs": 6}  # how it runs, and a longer schedule
+    assert _trainer(tmp_path, resume=tmp_path / "last.pt", config=allowed).step == 2
