@@ -67,6 +67,7 @@ class LoadReport:
             non-backbone entries of a detection/segmentation checkpoint).
         foreign: classes of non-tensor objects in the file (its metadata), read as inert
             :class:`ForeignObject` records instead of being imported (see :func:`read_checkpoint`).
+        reset: model keys kept at their initialisation on purpose (the classifier with ``reset_head``).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -76,6 +77,7 @@ class LoadReport:
     skipped_clusters: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
+    reset: list[str] = field(default_factory=list)
 
     def with_prefix(self, prefix: str) -> LoadReport:
         """The same report with every key prefixed (a submodule's report seen from its parent)."""
@@ -87,6 +89,7 @@ class LoadReport:
             skipped_clusters=[prefix + k for k in self.skipped_clusters],
             ignored=[prefix + k for k in self.ignored],
             foreign=list(self.foreign),
+            reset=[prefix + k for k in self.reset],
         )
 
     def __add__(self, other: LoadReport) -> LoadReport:
@@ -294,16 +297,18 @@ def foreign_classes(content: object) -> list[str]:
 
 
 def match_state_dict(
-    model: nn.Module, state: Mapping[str, Tensor], skip_mismatched_clusters: bool = False
+    model: nn.Module, state: Mapping[str, Tensor], skip_mismatched_clusters: bool = False, reset_head: bool = False
 ) -> LoadReport:
     """Compare ``state`` with ``model``'s keys and shapes, copying nothing (see :func:`copy_matched`)."""
     own = model.state_dict()
     report = LoadReport()
-    if getattr(model, "head", True) is None:  # a headless model ignores a classifier's head
+    if reset_head or getattr(model, "head", True) is None:  # a headless model ignores a classifier's head
         report.ignored = sorted(k for k in state if k.startswith("head."))
-    report.missing = sorted(k for k in own if k not in state)
+    if reset_head:
+        report.reset = sorted(k for k in own if k.startswith("head."))
+    report.missing = sorted(k for k in own if k not in state and k not in report.reset)
     report.unexpected = sorted(k for k in state if k not in own and k not in report.ignored)
-    for key in sorted(k for k in state if k in own):
+    for key in sorted(k for k in state if k in own and k not in report.ignored):
         if state[key].shape == own[key].shape:
             report.loaded.append(key)
         elif skip_mismatched_clusters and _CLUSTER_LAYER.search(key):
@@ -333,6 +338,7 @@ def load_official_state_dict(
     state_dict_or_path: Mapping[str, object] | str | os.PathLike[str],
     strict: bool = True,
     skip_mismatched_clusters: bool = False,
+    reset_head: bool = False,
 ) -> LoadReport:
     """Copy an official PaCa-ViT checkpoint into ``model`` (parameters and buffers).
 
@@ -342,6 +348,8 @@ def load_official_state_dict(
         strict: raise :class:`StateDictMismatchError` on any missing, unexpected or mismatched key.
         skip_mismatched_clusters: leave cluster layers whose shape differs (a changed M) at their
             initialisation instead of failing; each skipped key is warned about and reported.
+        reset_head: fine-tuning onto other classes: the checkpoint's classifier (``head.*``) is ignored and
+            the model's keeps its initialisation (``report.reset``); everything else loads strictly.
 
     Returns:
         A :class:`LoadReport`. Nothing is copied when strict loading fails.
@@ -352,7 +360,7 @@ def load_official_state_dict(
         else state_dict_or_path
     )
     state, ignored = unwrap_state_dict(raw)
-    report = match_state_dict(model, state, skip_mismatched_clusters)
+    report = match_state_dict(model, state, skip_mismatched_clusters, reset_head)
     report.ignored = ignored + report.ignored
     report.foreign = foreign_classes(raw)
     copy_matched(model, state, report, strict)
@@ -373,5 +381,10 @@ def _describe(report: LoadReport) -> str:
                 "  cluster layers differ: if you changed num_clusters on purpose (a downstream override), pass "
                 "skip_mismatched_clusters=True"
             )
+    if any(k.startswith("head.") for k, _, _ in report.mismatched):
+        lines.append(
+            "  the classifier differs: to fine-tune onto another number of classes pass reset_head=True "
+            "(--reset-head on the training command line)"
+        )
     lines.append("  check the model name and overrides, or pass strict=False to load the matching keys only")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ Usage::
                              [--max-clusters 8] [--cell-size 128] [--seed 0]
 
 Runs ``MODEL`` (a registered name, random weights unless ``--checkpoint`` gives an official-format
-checkpoint) on ``IMAGE`` resized to ``--size`` (an int, or ``H,W``) and normalised with the ImageNet
+checkpoint; the model is built without its classifier, so a checkpoint fine-tuned onto any number of
+classes loads) on ``IMAGE`` resized to ``--size`` (an int, or ``H,W``) and normalised with the ImageNet
 mean/std, and writes a PNG grid: one row per clustered stage, the image first, then the heat-maps of
 the first ``--max-clusters`` clusters of that stage's assignment over the image. The maps come from
 ``model.forward_features(x, return_assignments=True)``; rendering is :func:`tocalib.viz.render_grid`.
@@ -66,9 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_clusters < 1:
         raise SystemExit(f"--max-clusters must be >= 1, got {args.max_clusters}")
     torch.manual_seed(args.seed)
-    model = create_model(args.model, pretrained=args.checkpoint or False)
+    model = create_model(args.model, pretrained=args.checkpoint or False, num_classes=0)  # a classifier is unused
     height, width = args.size
-    rgb = np.asarray(Image.open(args.image).convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except FileNotFoundError:
+        raise SystemExit(f"image file {args.image!r} does not exist; check the path") from None
+    except (OSError, Image.UnidentifiedImageError) as err:
+        raise SystemExit(f"{args.image!r} is not an image Pillow can read ({err}); pass a PNG, JPEG, …") from None
+    rgb = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
     maps = stage_maps(model, rgb)
     if not maps:
         raise SystemExit(f"{args.model} has no clustered stage (num_clusters is 0 everywhere)")

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from models import create_model, load_official_state_dict
 from reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from reproductions.train.config import SMALL_PACA, RunConfig, parse_config
+from reproductions.train.config import (
+    AT_LEAST_ONE,
+    BELOW_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    SMALL_PACA,
+    Limit,
+    RunConfig,
+    parse_config,
+)
 from reproductions.train.data import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
 from reproductions.train.distributed import DistContext, ShardSampler, all_reduce_sum, batches_per_epoch
 from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
@@ -52,9 +63,19 @@ class ClassificationConfig(RunConfig):
     ``min_lr`` (× global batch / 512); an explicit ``lr`` takes ``warmup_lr`` and ``min_lr`` as given.
     """
 
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        **RunConfig.LIMITS, "img_size": AT_LEAST_ONE, "crop_pct": SHARE, "std": POSITIVE, "epochs": AT_LEAST_ONE,
+        "warmup_epochs": NON_NEGATIVE, "eval_batch_size": AT_LEAST_ONE, "lr": POSITIVE, "lr_base": POSITIVE,
+        "warmup_lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "betas": BELOW_ONE,
+        "eps": POSITIVE, "smoothing": BELOW_ONE, "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "mixup_prob": FRACTION,
+        "mixup_switch_prob": FRACTION, "scale": SHARE, "hflip": FRACTION, "reprob": FRACTION, "recount": AT_LEAST_ONE,
+        "drop_path": BELOW_ONE, "ema_decay": BELOW_ONE, "eval_every_epochs": AT_LEAST_ONE,
+    }  # fmt: skip
+
     model: str = "pacavit_tiny_p2cconv_100_0"
     model_kwargs: dict = field(default_factory=dict)
     pretrained: Path | None = None
+    reset_head: bool = False
     eval_only: bool = False
     dataset: Literal["imagefolder", "fashion_mnist"] = "imagefolder"
     data: Path | None = None
@@ -70,7 +91,7 @@ class ClassificationConfig(RunConfig):
     warmup_lr: float = 5e-7
     min_lr: float = 5e-6
     weight_decay: float = 0.05
-    betas: tuple[float, ...] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     smoothing: float = 0.1
     mixup: float = 0.8
@@ -78,7 +99,7 @@ class ClassificationConfig(RunConfig):
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    scale: tuple[float, ...] = (0.08, 1.0)
+    scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
     reprob: float = 0.25
     remode: str = "pixel"
@@ -89,6 +110,13 @@ class ClassificationConfig(RunConfig):
     compile: bool = False
     out: Path = Path("runs/classification")
     eval_every_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_only and self.pretrained is None:
+            raise ValueError("--eval-only evaluates given weights: pass --pretrained PATH (else the model is random)")
+        if self.reset_head and self.pretrained is None:
+            raise ValueError("--reset-head replaces the classifier of --pretrained weights: pass --pretrained PATH")
 
 
 PRESETS: dict[str, dict] = {
@@ -224,8 +252,9 @@ def build_model(config: ClassificationConfig, num_classes: int, log: RunLog) -> 
         overrides["drop_path_rate"] = config.drop_path
     model = create_model(config.model, **overrides)
     if config.pretrained is not None:
-        report = load_official_state_dict(model, config.pretrained)
-        log.info(f"loaded {len(report.loaded)} tensors from {config.pretrained}")
+        report = load_official_state_dict(model, config.pretrained, reset_head=config.reset_head)
+        fresh = f"; a fresh {num_classes}-class head" if report.reset else ""
+        log.info(f"loaded {len(report.loaded)} tensors from {config.pretrained}{fresh}")
     return model
 
 

@@ -13,21 +13,56 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-__all__ = ["SMALL_PACA", "RunConfig", "parse_config", "to_jsonable"]
+__all__ = ["SMALL_PACA", "Limit", "RunConfig", "check_limits", "parse_config", "to_jsonable"]
 
 SMALL_PACA: dict[str, list[int]] = {"embed_dims": [32, 64, 128, 192], "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 6]}
 """The small PaCa-ViT (1.3 M parameters with a 10-class head) of the CPU smoke runs (``--model-kwargs``)."""
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A rule a config value must follow (on every item of a tuple; None passes where a field allows it)."""
+
+    text: str
+    holds: Callable[[Any], bool]
+
+
+POSITIVE = Limit("> 0", lambda v: v > 0)
+AT_LEAST_ONE = Limit(">= 1", lambda v: v >= 1)
+NON_NEGATIVE = Limit(">= 0", lambda v: v >= 0)
+FRACTION = Limit("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_ONE = Limit("in [0, 1)", lambda v: 0 <= v < 1)
+SHARE = Limit("in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def check_limits(config: object) -> None:
+    """Raise a ValueError naming the option, the rule and the value for every value that breaks its
+    :class:`Limit` (the config class's ``LIMITS``)."""
+    problems = []
+    for name, limit in getattr(config, "LIMITS", {}).items():
+        value = getattr(config, name)
+        items = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(limit.holds(item) for item in items):
+            problems.append(f"--{name.replace('_', '-')} must be {limit.text}, got {value!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 @dataclass
 class RunConfig:
     """Settings every training run shares: batch size per process, precision, clipping, where it runs and
-    writes, how it logs, checkpoints and resumes. Task configs subclass it (and may change the defaults)."""
+    writes, how it logs, checkpoints and resumes. Task configs subclass it (and may change the defaults).
+    ``LIMITS`` holds the rules of its values, checked when a config is built."""
+
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "batch_size": AT_LEAST_ONE, "clip_grad": POSITIVE, "workers": NON_NEGATIVE, "stop_after": AT_LEAST_ONE,
+        "log_every": AT_LEAST_ONE, "save_every": NON_NEGATIVE,
+    }  # fmt: skip
 
     batch_size: int = 128
     clip_grad: float | None = None
@@ -40,6 +75,9 @@ class RunConfig:
     stop_after: int | None = None
     log_every: int = 50
     save_every: int = 0
+
+    def __post_init__(self) -> None:
+        check_limits(self)
 
 
 C = TypeVar("C")
@@ -54,16 +92,30 @@ def _parser_for(name: str, hint: Any) -> dict[str, Any]:
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
     if origin is tuple:
-        (item, *_) = typing.get_args(hint)
-        return {"nargs": "+", "type": item, "metavar": name.upper()}
+        (item, *rest) = typing.get_args(hint)
+        count = "+" if rest == [Ellipsis] else 1 + len(rest)  # tuple[float, ...] or tuple[float, float]
+        return {"nargs": count, "type": item, "metavar": name.upper()}
     if origin is dict or hint is dict:
-        return {"type": json.loads, "metavar": "JSON"}
+        return {"type": _json_object, "metavar": "JSON"}
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         return {"type": type(choices[0]), "choices": choices}
     if hint in (int, float, str, Path):
         return {"type": _none_or(hint) if optional else hint}
     raise TypeError(f"config field {name!r} has type {hint!r}, which has no command-line form")
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object from the command line, or argparse's error with an example."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"depths\": [1, 1, 2, 1]}}', got {type(value).__name__} {text!r}"
+        )
+    return value
 
 
 def _none_or(kind: type) -> Any:
@@ -97,7 +149,10 @@ def parse_config(
     for key, value in chosen.items():
         if typing.get_origin(_strip_optional(hints[key])) is tuple:
             chosen[key] = tuple(value)
-    return cls(**chosen)
+    try:
+        return cls(**chosen)
+    except ValueError as err:  # a Limit: argparse's usage line and the message, exit status 2
+        parser.error(str(err))
 
 
 def _strip_optional(hint: Any) -> Any:

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,16 @@ from models import create_model, load_official_state_dict
 from models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 from models.paca_vit import model_config
 from reproductions.eval import ade20k
-from reproductions.train.config import SMALL_PACA, RunConfig, parse_config
+from reproductions.train.config import (
+    AT_LEAST_ONE,
+    BELOW_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    SMALL_PACA,
+    Limit,
+    RunConfig,
+    parse_config,
+)
 from reproductions.train.distributed import DistContext, ShardSampler
 from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
 from reproductions.train.metrics import IoUAccumulator
@@ -69,6 +78,14 @@ class SegmentationConfig(RunConfig):
     (:func:`paper_backbone_settings`).
     """
 
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        **RunConfig.LIMITS, "downstream_clusters": NON_NEGATIVE, "head_channels": AT_LEAST_ONE, "crop": AT_LEAST_ONE,
+        "scale": AT_LEAST_ONE, "texture_train_samples": AT_LEAST_ONE, "texture_val_samples": AT_LEAST_ONE,
+        "iterations": AT_LEAST_ONE, "warmup_iters": NON_NEGATIVE, "warmup_start": NON_NEGATIVE, "power": POSITIVE,
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": BELOW_ONE, "drop_path": BELOW_ONE,
+        "eval_every": AT_LEAST_ONE,
+    }  # fmt: skip
+
     head: Literal["paca", "upernet"] = "paca"
     backbone: str = "pacavit_small_p2cconv_100_0"
     backbone_kwargs: dict = field(default_factory=dict)
@@ -80,7 +97,7 @@ class SegmentationConfig(RunConfig):
     dataset: Literal["ade20k", "textures"] = "ade20k"
     data: Path | None = None
     crop: int = 512
-    scale: tuple[int, ...] = (2048, 512)
+    scale: tuple[int, int] = (2048, 512)
     texture_train_samples: int = 4000
     texture_val_samples: int = 200
     iterations: int = 160_000
@@ -89,13 +106,21 @@ class SegmentationConfig(RunConfig):
     power: float = 1.0
     lr: float = 6e-5
     weight_decay: float = 0.01
-    betas: tuple[float, ...] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     custom_keys: dict | None = None
     drop_path: float | None = None
     batch_size: int = 2
     workers: int = 4
     out: Path = Path("runs/segmentation")
     eval_every: int = 16_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_only and self.checkpoint is None:
+            raise ValueError(
+                "--eval-only evaluates a trained segmentor: pass --checkpoint PATH (an mmseg-format file or this "
+                "pipeline's best.pt); --pretrained only initialises the backbone"
+            )
 
 
 PRESETS: dict[str, dict] = {

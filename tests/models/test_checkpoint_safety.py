@@ -266,3 +266,36 @@ def test_cycles_and_shared_parts_are_listed_once_and_quickly(tmp_path: Path, mme
     assert foreign_classes(content) == sorted([f"{__name__}._Node", "mmengine.logging.history_buffer.HistoryBuffer"])
     node = content["meta"]["node"]
     assert isinstance(node, ForeignObject) and node.state["me"] is node
+
+
+def test_a_checkpoint_fine_tuned_onto_other_classes_loads_with_reset_head(tmp_path: Path) -> None:
+    source = create_model(TINY, num_classes=10, **SMALL)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "ft.pth")
+    with pytest.raises(StateDictMismatchError, match="pass reset_head=True"):
+        load_official_state_dict(create_model(TINY, num_classes=3, **SMALL), tmp_path / "ft.pth")
+    target = create_model(TINY, num_classes=3, **SMALL)
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("head.")}
+    report = load_official_state_dict(target, tmp_path / "ft.pth", reset_head=True)
+    assert report.reset == sorted(fresh) and report.ignored == sorted(fresh) and not report.missing
+    for key, value in target.state_dict().items():
+        expected = fresh[key] if key.startswith("head.") else source.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+def test_the_viz_cli_takes_a_fine_tuned_checkpoint_and_names_bad_images(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    small = create_model(TINY, num_classes=7, **SMALL)
+    torch.save({"state_dict": small.state_dict()}, tmp_path / "ft.pth")
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(StateDictMismatchError):  # a different architecture still refuses: only the head is free
+        viz_main([str(image), TINY, "--out", str(tmp_path / "g.png"), "--checkpoint", str(tmp_path / "ft.pth")])
+    full = create_model(TINY, num_classes=7)
+    torch.save({"state_dict": full.state_dict()}, tmp_path / "ft_full.pth")
+    args = ["--out", str(tmp_path / "g.png"), "--checkpoint", str(tmp_path / "ft_full.pth"), "--size", "32"]
+    assert viz_main([str(image), TINY, *args]) == 0
+    for bad, message in (("missing.png", "does not exist"), ("notes.png", "is not an image Pillow can read")):
+        with pytest.raises(SystemExit, match=message):
+            viz_main([str(tmp_path / bad), TINY, *args])

@@ -12,8 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
+from reproductions.train.classification import ClassificationConfig
 from reproductions.train.config import parse_config, to_jsonable
 from reproductions.train.distributed import DistContext, ResumableSampler, ShardSampler, batches_per_epoch
+from reproductions.train.segmentation import SegmentationConfig
 
 
 @dataclass
@@ -90,3 +92,49 @@ def test_epochs_reshuffle_and_ranks_agree_on_the_order() -> None:
     assert list(first) != epoch0
     with pytest.raises(ValueError, match="skip"):
         first.set_epoch(0, 33)
+
+
+BAD_VALUES = [
+    (ClassificationConfig, ["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (ClassificationConfig, ["--lr=-1e-3"], "--lr must be > 0, got -0.001"),
+    (ClassificationConfig, ["--betas", "0.9", "1.0"], "--betas must be in [0, 1), got (0.9, 1.0)"),
+    (ClassificationConfig, ["--betas", "0.9"], "argument --betas: expected 2 arguments"),
+    (ClassificationConfig, ["--model-kwargs", "[1, 2]"], "expected a JSON object such as"),
+    (ClassificationConfig, ["--model-kwargs", "{depths: 1}"], "not valid JSON"),
+    (ClassificationConfig, ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (ClassificationConfig, ["--mixup-prob", "1.5"], "--mixup-prob must be in [0, 1], got 1.5"),
+    (ClassificationConfig, ["--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
+    (SegmentationConfig, ["--iterations", "0", "--power", "0"], "--iterations must be >= 1, got 0; --power must be"),
+    (SegmentationConfig, ["--scale", "2048"], "argument --scale: expected 2 arguments"),
+]
+
+
+@pytest.mark.parametrize(("config", "argv", "message"), BAD_VALUES)
+def test_out_of_range_options_are_refused_by_the_parser_naming_the_rule(
+    config: type, argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_config(config, argv)
+    assert info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in error
+
+
+@given(lr=st.floats(max_value=0.0, allow_nan=False), weight_decay=st.floats(max_value=-1e-9, allow_nan=False))
+def test_configs_built_in_code_check_the_same_rules(lr: float, weight_decay: float) -> None:
+    with pytest.raises(ValueError, match=r"--lr must be > 0.*--weight-decay must be >= 0"):
+        SegmentationConfig(lr=lr, weight_decay=weight_decay)
+    assert ClassificationConfig(lr=None).lr is None  # None means "scale lr_base", as documented
+
+
+@pytest.mark.parametrize(("config", "argv", "message"), [
+    (ClassificationConfig, ["--eval-only"], "--eval-only evaluates given weights: pass --pretrained PATH"),
+    (ClassificationConfig, ["--reset-head"], "--reset-head replaces the classifier of --pretrained weights"),
+    (SegmentationConfig, ["--eval-only", "--pretrained", "x.pth"], "--eval-only evaluates a trained segmentor"),
+])  # fmt: skip
+def test_options_that_need_weights_refuse_to_run_without_them(
+    config: type, argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(config, argv)
+    assert message in capsys.readouterr().err
