@@ -20,6 +20,7 @@ import fnmatch
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -101,22 +102,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+"""What a wrong command line or input folder raises: printed as one line, not a traceback."""
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder this process can write, checked before the first row is counted."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, expected a folder for the tables; pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise PermissionError(f"--out {out} is not a writable folder ({err.strerror}); pass another --out") from err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except USER_ERRORS as err:
+        raise SystemExit(f"reproduce: error: {err}") from None
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if (args.checkpoints is None) != (args.data is None):
-        raise SystemExit("--checkpoints and --data go together: pass both to evaluate accuracy, or neither")
+        raise ValueError("--checkpoints and --data go together: pass both to evaluate accuracy, or neither")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    _check_out(args.out)
     names = list(TABLES) if "all" in args.tables else list(dict.fromkeys(args.tables))
     tables = [load_table(name) for name in names]
     selected = {t.id: _select(t, args.rows) for t in tables}
     if not any(selected.values()):
-        raise SystemExit(f"no row matches --rows {args.rows!r}")
+        raise ValueError(f"no row matches --rows {args.rows!r}")
     if args.checkpoints is not None:
         check_inputs([pair for rows in selected.values() for pair in rows], args.checkpoints, args.data)
-    failed = False
+    failed = []
     with CountingPool(args.workers) as pool:  # what it counted is shared by the tables of this run only
         for table in tables:
-            failed |= _run(table, pool, selected[table.id], args, argv, many=len(tables) > 1)
+            try:
+                if _run(table, pool, selected[table.id], args, argv, many=len(tables) > 1):
+                    failed.append(table.id)
+            except Exception as err:  # one table's failure must not cost the others
+                if len(tables) == 1:
+                    raise
+                print(f"{table.id} failed: {type(err).__name__}: {err}; the other tables go on", flush=True)
+                failed.append(table.id)
+    if failed and len(tables) > 1:
+        print(f"failed: {', '.join(failed)}", flush=True)
     return 1 if failed else 0
 
 

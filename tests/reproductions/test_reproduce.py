@@ -61,7 +61,7 @@ def test_segmentation_count_is_segmentor_macs() -> None:
 
 def test_checkpoints_without_data_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="go together"):
-        main(["table1", "--checkpoints", str(tmp_path)])
+        main(["table1", "--checkpoints", str(tmp_path), "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
@@ -104,3 +104,38 @@ def test_official_fvcore_skips_are_the_teacher_depthwise_convs() -> None:
         assert name.startswith("paca_teacher.")
         assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (7, 7) and conv.groups == conv.in_channels
     assert official_fvcore_skips(plain) == []
+
+
+def test_a_bad_out_is_refused_before_any_row_is_counted(tmp_path: Path, monkeypatch, capsys) -> None:
+    counted = []
+    monkeypatch.setattr("reproductions.reproduce.reproduce_table", lambda *a, **k: counted.append(a) or [])
+    (tmp_path / "file.txt").write_text("x")
+    cases = ((tmp_path / "file.txt", "is a file, expected a folder"), (tmp_path / "file.txt" / "sub", "not a writable"))
+    for out, message in cases:
+        with pytest.raises(SystemExit, match=f"reproduce: error: --out .* {message}"):
+            main(["all", "--out", str(out), "--workers", "1"])
+    assert not counted
+
+
+def test_with_all_a_failing_table_is_reported_and_the_others_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    ran = []
+
+    def fake(table, *args, **kwargs):
+        ran.append(table.id)
+        if table.id == "table2":
+            raise RuntimeError("a broken row")
+        return []
+
+    monkeypatch.setattr("reproductions.reproduce.reproduce_table", fake)
+    assert main(["all", "--out", str(tmp_path), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert ran == list(TABLES) and "table2 failed: RuntimeError: a broken row; the other tables go on" in out
+    assert out.rstrip().endswith("failed: table2")
+    assert all((tmp_path / f"{name}.json").exists() for name in TABLES if name != "table2")
+
+
+def test_user_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"^reproduce: error: no row matches --rows 'nothing\*'$"):
+        main(["table1", "--rows", "nothing*", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--workers must be >= 1, got 0"):
+        main(["table1", "--workers", "0", "--out", str(tmp_path)])
