@@ -44,6 +44,7 @@ from models._registry import register_model
 from models.loading import load_official_state_dict
 from models.teacher import ConvMixerFPNTeacher
 from tocalib import ToCaAttention
+from tocalib._checks import check_int
 
 __all__ = ["Downsample", "DropPath", "LayerNorm2d", "Mlp", "PaCaBlock", "PaCaViT", "model_config"]
 
@@ -246,6 +247,7 @@ class PaCaViT(nn.Module):
         out_indices: Sequence[int] = (0, 1, 2, 3),
     ) -> None:
         super().__init__()
+        in_chans, num_classes = check_int("in_chans", in_chans, 1), check_int("num_classes", num_classes, 0)
         embed_dims = _per_stage(embed_dims, "embed_dims")
         depths = _per_stage(depths, "depths")
         num_heads = _per_stage(num_heads, "num_heads")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from models._layers import MeanPoolClassifier, init_weights
 from models._registry import register_model
+from tocalib._checks import check_int
 
 __all__ = ["PyramidVisionTransformerV2", "SpatialReductionAttention"]
 
@@ -76,6 +77,12 @@ class SpatialReductionAttention(nn.Module):
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """x (B, N, C) with layout ``size = (H, W)`` → (B, N, C)."""
         q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+        if isinstance(self.reduce, nn.Conv2d) and min(size) < self.reduce.kernel_size[0]:  # (the linear SRA pools)
+            raise ValueError(
+                f"a {size[0]}×{size[1]} feature map is smaller than this stage's spatial-reduction ratio "
+                f"{self.reduce.kernel_size[0]} (the kernel of its reducing conv): use a larger input image "
+                "(with PVTv2's default ratios 8, 4, 2, 1: at least 29 pixels per side)"
+            )
         if self.reduce is not None:
             x = self.act(self.norm(self.reduce(_tokens_to_grid(x, size)).flatten(2).transpose(1, 2)))
         k, v = self.kv(x).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # (B, heads, N', d) each
@@ -162,6 +169,7 @@ class PyramidVisionTransformerV2(MeanPoolClassifier):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        in_chans, num_classes = check_int("in_chans", in_chans, 1), check_int("num_classes", num_classes, 0)
         per_stage = (embed_dims, depths, num_heads, mlp_ratios, sr_ratios)
         if any(len(values) != 4 for values in per_stage):
             raise ValueError("embed_dims, depths, num_heads, mlp_ratios and sr_ratios need one value per stage (4)")

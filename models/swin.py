@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from models._layers import MeanPoolClassifier, init_weights
 from models._registry import register_model
+from tocalib._checks import check_int
 
 __all__ = ["SwinTransformer", "WindowAttention"]
 
@@ -192,6 +193,7 @@ class SwinTransformer(MeanPoolClassifier):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        in_chans, num_classes = check_int("in_chans", in_chans, 1), check_int("num_classes", num_classes, 0)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one value per stage")
         self.features_only = features_only

@@ -103,3 +103,24 @@ def test_bench_quick_runs_end_to_end(tmp_path) -> None:
 def test_pretrained_is_refused_with_a_reason(name: str) -> None:
     with pytest.raises(ValueError, match="no pretrained weights"):
         create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["pacavit_tiny_p2cconv_100_0", "pvt_v2_b0", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"in_chans": 0}, ValueError, "in_chans must be >= 1, got 0"),
+        ({"num_classes": -1}, ValueError, "num_classes must be >= 0, got -1"),
+        ({"in_chans": 2.5}, TypeError, "in_chans must be an int, got float 2.5"),
+    ],
+)
+def test_image_models_name_a_bad_channel_or_class_count(name: str, overrides: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        create_model(name, **overrides)
+
+
+def test_pvt_v2_says_when_an_image_is_too_small_for_its_spatial_reduction() -> None:
+    model = create_model("pvt_v2_b0", num_classes=0).eval()
+    with pytest.raises(ValueError, match="a 8×5 feature map is smaller than this stage's spatial-reduction ratio 8"):
+        model(torch.randn(1, 3, 31, 17))
+    assert model(torch.randn(1, 3, 29, 29)).isfinite().all()
