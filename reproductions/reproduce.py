@@ -59,6 +59,7 @@ def reproduce_table(
     checkpoints: Path | None = None,
     data: Path | None = None,
     log: Callable[[str], None] | None = None,
+    allow_fewer_classes: bool = False,
 ) -> list[RowResult]:
     """Count (and, given ``checkpoints`` and ``data``, evaluate) ``rows`` of ``table``, logging progress (default:
     printed and flushed at once)."""
@@ -76,7 +77,8 @@ def reproduce_table(
         metrics = None
         if checkpoints is not None and data is not None:
             tick = time.perf_counter()
-            metrics = evaluate_row(section, row, checkpoints / row.checkpoint, data / section.data, log=log)
+            checkpoint, root = checkpoints / row.checkpoint, data / section.data
+            metrics = evaluate_row(section, row, checkpoint, root, log=log, allow_fewer_classes=allow_fewer_classes)
             shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
             log(f"      {shown} ({time.perf_counter() - tick:.1f} s)")
         results.append(RowResult.build(section, row, count, metrics))
@@ -93,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", help="only rows whose model name or label matches this shell pattern")
     parser.add_argument("--checkpoints", type=Path, help="folder of the released checkpoints (with --data)")
     parser.add_argument("--data", type=Path, help="folder of the evaluation datasets (with --checkpoints)")
+    parser.add_argument(
+        "--allow-fewer-classes",
+        action="store_true",
+        help="ImageNet folders for only the first classes (a pipeline check, not the paper's number)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -168,7 +175,7 @@ def _run(
     if not rows:
         return False
     tick = time.perf_counter()
-    results = reproduce_table(table, pool, rows, args.checkpoints, args.data)
+    results = reproduce_table(table, pool, rows, args.checkpoints, args.data, None, args.allow_fewer_classes)
     seconds = time.perf_counter() - tick
     meta = {
         "command": " ".join(["python -m reproductions.reproduce", *(argv if argv is not None else sys.argv[1:])]),

@@ -47,18 +47,21 @@ def evaluate_row(
     checkpoint: Path,
     root: Path,
     log: Callable[[str], None] = print,
+    allow_fewer_classes: bool = False,
     **settings: object,
 ) -> dict[str, float]:
     """Metrics of ``row``'s released ``checkpoint`` on the dataset folder ``root``, keyed as ``section.metrics``.
 
     ``settings`` go to the task's ``evaluate`` (e.g. a smaller ``scale`` in tests); defaults are the paper's.
+    ``allow_fewer_classes``: ImageNet folders for only the model's first classes (see
+    :func:`reproductions.eval.imagenet.evaluate`).
     """
     model = build_model(section, row)
     if section.task == "classification":
         from reproductions.eval import imagenet
 
         load_official_state_dict(model, checkpoint)
-        metrics = imagenet.evaluate(model, root, log=log, **settings)
+        metrics = imagenet.evaluate(model, root, log=log, allow_fewer_classes=allow_fewer_classes, **settings)
     elif section.task == "segmentation":
         from reproductions.eval import ade20k
 

@@ -107,7 +107,13 @@ def evaluate(
     accumulator = IoUAccumulator(NUM_CLASSES, ignore_index=IGNORE)
     for i in range(len(dataset)):
         x, labels = dataset[i]
-        accumulator.update(segmentor.predict(x[None], size=labels.shape)[0], labels)
+        logits = segmentor.predict_logits(x[None], size=labels.shape)
+        if logits.shape[1] != NUM_CLASSES:
+            raise ValueError(
+                f"the segmentor predicts {logits.shape[1]} classes, ADE20k has {NUM_CLASSES}: build it with "
+                f"num_classes={NUM_CLASSES}"
+            )
+        accumulator.update(logits.argmax(dim=1)[0], labels)
         if i % 100 == 0:
             log(f"      ade20k: {i + 1}/{len(dataset)} images")
     metrics = accumulator.compute()

@@ -36,15 +36,33 @@ def evaluate(
     crop_pct: float = 0.9,
     batch_size: int = 32,
     log: Callable[[str], None] = print,
+    allow_fewer_classes: bool = False,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) of a classifier on ``root``."""
+    """Top-1 and top-5 accuracy (%) of a classifier on ``root``.
+
+    The sorted class folders must be the model's classes, one per output. ``allow_fewer_classes`` accepts K
+    folders for the model's first K classes (a quick check of the pipeline on part of the data; the result
+    is then not the paper's number)."""
     dataset = ImageFolder(root, classification_eval_transform(crop, crop_pct))
     model.eval()
     correct1 = correct5 = 0
     for i, (images, labels) in enumerate(DataLoader(dataset, batch_size=batch_size)):
         logits = model(images)
-        if labels.max() >= logits.shape[1]:
-            raise ValueError(f"{root} has more class folders than the model's {logits.shape[1]} outputs")
+        found, outputs = len(dataset.classes), logits.shape[1]
+        if i == 0 and (found > outputs or (found < outputs and not allow_fewer_classes)):
+            shown = ", ".join(dataset.classes[:5]) + (", …" if found > 5 else "")
+            raise ValueError(
+                f"{root} has {found} class folders ({shown}) but the model has {outputs} outputs: the folders, "
+                "sorted, must be exactly the model's classes (all 1,000 synset folders n01440764 … n15075141 for "
+                "ImageNet-1k), else a label means another class"
+                + (
+                    "; to check the pipeline on the first classes only, pass allow_fewer_classes"
+                    if found < outputs
+                    else ""
+                )
+            )
+        if i == 0 and found < outputs:
+            log(f"      imagenet: {found} of the model's {outputs} classes (allow_fewer_classes): not the paper's")
         batch1, batch5 = topk_correct(logits, labels)
         correct1, correct5 = correct1 + int(batch1), correct5 + int(batch5)
         if i % 50 == 0:

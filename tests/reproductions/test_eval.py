@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from models import create_model
+from models.heads import paca_segmentor
 from reproductions.counting import build_model
-from reproductions.eval import check_inputs, evaluate_row
+from reproductions.eval import ade20k, check_inputs, evaluate_row
 from reproductions.eval.ade20k import NUM_CLASSES
 from reproductions.reproduce import main
 from reproductions.tables import load_table
@@ -57,7 +59,11 @@ def _imagenet(tmp_path: Path) -> tuple[Path, Path]:
 def test_imagenet_top1_end_to_end(tmp_path: Path) -> None:
     data, checkpoint = _imagenet(tmp_path)
     section, row = _row("table1", "imagenet", TINY)
-    metrics = evaluate_row(section, row, checkpoint, data, log=_quiet, crop=64)
+    with pytest.raises(
+        ValueError, match=r"has 3 class folders \(n01440764, n01443537, n01484850\) but the model has 1000"
+    ):
+        evaluate_row(section, row, checkpoint, data, log=_quiet, crop=64)
+    metrics = evaluate_row(section, row, checkpoint, data, log=_quiet, crop=64, allow_fewer_classes=True)
     assert metrics == {"top1": pytest.approx(100 * 2 / 5)}
 
 
@@ -65,7 +71,8 @@ def test_reproduce_command_fills_the_accuracy_column(tmp_path: Path, capsys: pyt
     """``--checkpoints --data`` through the command line (paper preprocessing, 224 crops)."""
     _, checkpoint = _imagenet(tmp_path)
     args = ["table1", "--rows", TINY, "--out", str(tmp_path / "out"), "--workers", "1"]
-    assert main([*args, "--checkpoints", str(checkpoint.parent), "--data", str(tmp_path / "data")]) == 0
+    inputs = ["--checkpoints", str(checkpoint.parent), "--data", str(tmp_path / "data"), "--allow-fewer-classes"]
+    assert main([*args, *inputs]) == 0
     assert "80.9 | 40.00 | -40.90" in capsys.readouterr().out
     record = json.loads((tmp_path / "out" / "table1.json").read_text(encoding="utf-8"))["rows"][0]
     assert record["top1_reproduced"] == pytest.approx(40.0)
@@ -90,6 +97,9 @@ def test_ade20k_miou_end_to_end(tmp_path: Path) -> None:
     checkpoint = tmp_path / row.checkpoint
     torch.save({"meta": {}, "state_dict": state}, checkpoint)
     metrics = evaluate_row(section, row, checkpoint, root, log=_quiet, scale=(96, 64))
+    wrong = paca_segmentor(create_model(TINY, features_only=True), [96, 192, 320, 384], num_classes=3, channels=8)
+    with pytest.raises(ValueError, match="the segmentor predicts 3 classes, ADE20k has 150"):
+        ade20k.evaluate(wrong, root, scale=(96, 64), log=_quiet)
     labels = np.concatenate([m.ravel() for m in label_maps])
     valid = labels[labels > 0]
     expected = 100 * np.mean([0.0, np.mean(valid == 2)])  # classes present: index 0 (label 1), index 1 (label 2)
