@@ -3,6 +3,9 @@ and a smoke test of the benchmark script."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -95,8 +98,15 @@ def test_bench_quick_runs_end_to_end(tmp_path) -> None:
         torch.set_num_threads(threads)
     report = (tmp_path / "bench.md").read_text()
     assert "ToCa M=100" in report and "pvt_v2_b0" in report and "matmul" in report
-    assert (tmp_path / "bench.json").exists()
-    assert all(goal.verdict in {"PASS", "MISS", "N/A"} for goal in goals)
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert [t["name"] for t in payload["targets"]] == [g.name for g in goals]
+    measured = [c for c in payload["cells"] if c["skipped"] is None]
+    assert measured and all(c["seconds"] > 0 and (c["peak_bytes"] or 0) >= 0 for c in measured)
+    values = [g.value for g in goals if g.value is not None]
+    assert values and all(math.isfinite(v) and v > 0 for v in values)  # ratios of measured times
+    for goal in goals:  # the report's row of each target carries its verdict
+        (row,) = [line for line in report.splitlines() if line.startswith(f"| {goal.name} |")]
+        assert row.endswith(f"| {goal.verdict} |")
 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "swin_tiny_patch4_window7_224"])

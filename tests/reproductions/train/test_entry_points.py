@@ -118,6 +118,9 @@ def test_segmentation_reads_the_ade20k_layout(tmp_path: Path) -> None:
     args = ["--data", str(data), "--crop", "32", "--scale", "64", "32", "--iterations", "2", "--warmup-iters", "1"]
     results = segmentation.main([*args, "--eval-every", "2", "--out", str(tmp_path / "run"), *SEG_ARGS])
     assert 0.0 <= results["val/mIoU"] <= 100.0
+    best = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pt")]
+    evaluated = segmentation.main([*args, "--out", str(tmp_path / "eval"), *best, *SEG_ARGS])
+    assert evaluated == {"mIoU": pytest.approx(results["val/mIoU"]), "aAcc": pytest.approx(results["val/aAcc"])}
     (data / "annotations" / "validation" / "1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1\.png"):
         segmentation.main([*args, "--out", str(tmp_path / "again"), *SEG_ARGS])
