@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -32,9 +33,9 @@ class Limit:
     holds: Callable[[Any], bool]
 
 
-POSITIVE = Limit("> 0", lambda v: v > 0)
+POSITIVE = Limit("finite and > 0", lambda v: math.isfinite(v) and v > 0)
 AT_LEAST_ONE = Limit(">= 1", lambda v: v >= 1)
-NON_NEGATIVE = Limit(">= 0", lambda v: v >= 0)
+NON_NEGATIVE = Limit("finite and >= 0", lambda v: math.isfinite(v) and v >= 0)
 FRACTION = Limit("in [0, 1]", lambda v: 0 <= v <= 1)
 BELOW_ONE = Limit("in [0, 1)", lambda v: 0 <= v < 1)
 SHARE = Limit("in (0, 1]", lambda v: 0 < v <= 1)

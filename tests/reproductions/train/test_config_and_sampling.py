@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
@@ -95,8 +96,10 @@ def test_epochs_reshuffle_and_ranks_agree_on_the_order() -> None:
 
 
 BAD_VALUES = [
-    (ClassificationConfig, ["--lr", "0"], "--lr must be > 0, got 0.0"),
-    (ClassificationConfig, ["--lr=-1e-3"], "--lr must be > 0, got -0.001"),
+    (ClassificationConfig, ["--lr", "0"], "--lr must be finite and > 0, got 0.0"),
+    (ClassificationConfig, ["--lr=-1e-3"], "--lr must be finite and > 0, got -0.001"),
+    (ClassificationConfig, ["--lr", "inf"], "--lr must be finite and > 0, got inf"),
+    (ClassificationConfig, ["--weight-decay", "nan"], "--weight-decay must be finite and >= 0, got nan"),
     (ClassificationConfig, ["--betas", "0.9", "1.0"], "--betas must be in [0, 1), got (0.9, 1.0)"),
     (ClassificationConfig, ["--betas", "0.9"], "argument --betas: expected 2 arguments"),
     (ClassificationConfig, ["--model-kwargs", "[1, 2]"], "expected a JSON object such as"),
@@ -122,7 +125,7 @@ def test_out_of_range_options_are_refused_by_the_parser_naming_the_rule(
 
 @given(lr=st.floats(max_value=0.0, allow_nan=False), weight_decay=st.floats(max_value=-1e-9, allow_nan=False))
 def test_configs_built_in_code_check_the_same_rules(lr: float, weight_decay: float) -> None:
-    with pytest.raises(ValueError, match=r"--lr must be > 0.*--weight-decay must be >= 0"):
+    with pytest.raises(ValueError, match=r"--lr must be finite and > 0.*--weight-decay must be finite and >= 0"):
         SegmentationConfig(lr=lr, weight_decay=weight_decay)
     assert ClassificationConfig(lr=None).lr is None  # None means "scale lr_base", as documented
 
@@ -138,3 +141,16 @@ def test_options_that_need_weights_refuse_to_run_without_them(
     with pytest.raises(SystemExit):
         parse_config(config, argv)
     assert message in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(lr=st.floats(allow_nan=True, allow_infinity=True), betas=st.lists(st.floats(-1, 2), min_size=1, max_size=3))
+def test_any_lr_and_betas_either_parse_within_the_rules_or_exit_with_one_line(lr: float, betas: list[float]) -> None:
+    argv = [f"--lr={lr}", "--betas", *map(str, betas)]
+    try:
+        config = parse_config(ClassificationConfig, argv)
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        assert math.isfinite(config.lr) and config.lr > 0 and len(config.betas) == 2
+        assert all(0 <= beta < 1 for beta in config.betas)
