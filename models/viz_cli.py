@@ -64,18 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.model not in list_models("pacavit_*"):
         raise SystemExit(f"unknown PaCa-ViT model {args.model!r}; choose one of: {', '.join(list_models('pacavit_*'))}")
-    if args.max_clusters < 1:
-        raise SystemExit(f"--max-clusters must be >= 1, got {args.max_clusters}")
-    torch.manual_seed(args.seed)
-    model = create_model(args.model, pretrained=args.checkpoint or False, num_classes=0)  # a classifier is unused
+    for option, value in (("--max-clusters", args.max_clusters), ("--cell-size", args.cell_size)):
+        if value < 1:
+            raise SystemExit(f"{option} must be >= 1, got {value}")
     height, width = args.size
-    try:
+    try:  # before the model is built: a wrong path fails at once
         image = Image.open(args.image).convert("RGB")
     except FileNotFoundError:
         raise SystemExit(f"image file {args.image!r} does not exist; check the path") from None
     except (OSError, Image.UnidentifiedImageError) as err:
         raise SystemExit(f"{args.image!r} is not an image Pillow can read ({err}); pass a PNG, JPEG, …") from None
     rgb = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, pretrained=args.checkpoint or False, num_classes=0)  # a classifier is unused
     maps = stage_maps(model, rgb)
     if not maps:
         raise SystemExit(f"{args.model} has no clustered stage (num_clusters is 0 everywhere)")

@@ -299,3 +299,19 @@ def test_the_viz_cli_takes_a_fine_tuned_checkpoint_and_names_bad_images(tmp_path
     for bad, message in (("missing.png", "does not exist"), ("notes.png", "is not an image Pillow can read")):
         with pytest.raises(SystemExit, match=message):
             viz_main([str(tmp_path / bad), TINY, *args])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.text(alphabet="0123456789,-. x", max_size=8),
+    clusters=st.integers(-3, 3),
+    cell=st.integers(-3, 3),
+)
+def test_the_viz_cli_refuses_bad_options_with_one_line(size: str, clusters: int, cell: int) -> None:
+    """Every malformed option ends the CLI with a message (argparse's exit 2 or a named SystemExit), before
+    any model is built; valid ones get as far as the (missing) image."""
+    argv = ["missing.png", TINY, "--out", "g.png", f"--size={size}", f"--max-clusters={clusters}"]
+    with pytest.raises(SystemExit) as info:
+        viz_main([*argv, f"--cell-size={cell}"])
+    message = str(info.value.code)
+    assert info.value.code == 2 or "must be >= 1" in message or "does not exist" in message
