@@ -16,6 +16,7 @@ the first ``--max-clusters`` clusters of that stage's assignment over the image.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, Image.UnidentifiedImageError) as err:
         raise SystemExit(f"{args.image!r} is not an image Pillow can read ({err}); pass a PNG, JPEG, …") from None
     rgb = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"checkpoint file {args.checkpoint!r} does not exist; check the path")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise SystemExit(f"--out {args.out!r}: {folder} is not a writable folder; create it or pass another --out")
     torch.manual_seed(args.seed)
     model = create_model(args.model, pretrained=args.checkpoint or False, num_classes=0)  # a classifier is unused
     maps = stage_maps(model, rgb)

@@ -22,12 +22,14 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from reproductions.cli import USER_ERRORS
 from reproductions.counting import CountingPool
 from reproductions.eval import check_inputs, evaluate_row
 from reproductions.report import RowResult, render_text, summary, write_outputs
@@ -109,10 +111,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
-"""What a wrong command line or input folder raises: printed as one line, not a traceback."""
-
-
 def _check_out(out: Path) -> None:
     """``--out`` must be a folder this process can write, checked before the first row is counted."""
     if out.exists() and not out.is_dir():
@@ -156,6 +154,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             except Exception as err:  # one table's failure must not cost the others
                 if len(tables) == 1:
                     raise
+                if not isinstance(err, USER_ERRORS):  # a bug: its traceback matters
+                    traceback.print_exc()
                 print(f"{table.id} failed: {type(err).__name__}: {err}; the other tables go on", flush=True)
                 failed.append(table.id)
     if failed and len(tables) > 1:
@@ -184,7 +184,11 @@ def _run(
         "torch": torch.__version__,
         "workers": args.workers,
         "machine": platform.processor() or platform.machine(),
-        "accuracy": "evaluated" if args.checkpoints else "reported only",
+        "accuracy": (
+            ("evaluated on the first classes only (--allow-fewer-classes)" if args.allow_fewer_classes else "evaluated")
+            if args.checkpoints
+            else "reported only"
+        ),
     }
     print()
     print(render_text(table, results))

@@ -56,7 +56,8 @@ def evaluate(
                 "sorted, must be exactly the model's classes (all 1,000 synset folders n01440764 … n15075141 for "
                 "ImageNet-1k), else a label means another class"
                 + (
-                    "; to check the pipeline on the first classes only, pass allow_fewer_classes"
+                    "; to check the pipeline on the first classes only, pass allow_fewer_classes=True "
+                    "(reproduce --allow-fewer-classes)"
                     if found < outputs
                     else ""
                 )

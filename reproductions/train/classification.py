@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from models import create_model, load_official_state_dict
+from reproductions.cli import command_line
 from reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from reproductions.train.config import (
     AT_LEAST_ONE,
@@ -117,6 +118,15 @@ class ClassificationConfig(RunConfig):
             raise ValueError("--eval-only evaluates given weights: pass --pretrained PATH (else the model is random)")
         if self.reset_head and self.pretrained is None:
             raise ValueError("--reset-head replaces the classifier of --pretrained weights: pass --pretrained PATH")
+        if self.reset_head and self.eval_only:
+            raise ValueError("--eval-only with --reset-head would evaluate an untrained classifier: drop --reset-head")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"--warmup-epochs ({self.warmup_epochs}) must be below --epochs ({self.epochs}); lower it, e.g. "
+                "--warmup-epochs 1 for a short run"
+            )
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"--mean has {len(self.mean)} values and --std {len(self.std)}: give one per channel")
 
 
 PRESETS: dict[str, dict] = {
@@ -305,4 +315,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(command_line(main, "classification"))

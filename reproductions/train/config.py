@@ -47,8 +47,12 @@ def check_limits(config: object) -> None:
     problems = []
     for name, limit in getattr(config, "LIMITS", {}).items():
         value = getattr(config, name)
-        items = value if isinstance(value, tuple) else (value,)
-        if value is not None and not all(limit.holds(item) for item in items):
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        try:
+            broken = value is not None and not all(limit.holds(item) for item in items)
+        except TypeError:  # not a number at all
+            broken = True
+        if broken:
             problems.append(f"--{name.replace('_', '-')} must be {limit.text}, got {value!r}")
     if problems:
         raise ValueError("; ".join(problems))
@@ -97,7 +101,7 @@ def _parser_for(name: str, hint: Any) -> dict[str, Any]:
         count = "+" if rest == [Ellipsis] else 1 + len(rest)  # tuple[float, ...] or tuple[float, float]
         return {"nargs": count, "type": item, "metavar": name.upper()}
     if origin is dict or hint is dict:
-        return {"type": _json_object, "metavar": "JSON"}
+        return {"type": _json_object_or_none if optional else _json_object, "metavar": "JSON"}
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         return {"type": type(choices[0]), "choices": choices}
@@ -107,16 +111,21 @@ def _parser_for(name: str, hint: Any) -> dict[str, Any]:
 
 
 def _json_object(text: str) -> dict:
-    """A JSON object from the command line, or argparse's error with an example."""
+    """A JSON object from the command line, or argparse's error."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from err
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(
-            f"expected a JSON object such as '{{\"depths\": [1, 1, 2, 1]}}', got {type(value).__name__} {text!r}"
+            f"expected a JSON object ('{{\"name\": value, ...}}' in quotes), got {type(value).__name__} {text!r}"
         )
     return value
+
+
+def _json_object_or_none(text: str) -> dict | None:
+    """:func:`_json_object`, or None for ``none``/``null`` (an optional field's default)."""
+    return None if text.lower() in ("none", "null") else _json_object(text)
 
 
 def _none_or(kind: type) -> Any:

@@ -195,9 +195,13 @@ def evaluate_only(model: nn.Module, task: Task, log: RunLog) -> dict[str, float]
 RESUME_MAY_CHANGE = frozenset({
     "resume", "stop_after", "out", "workers", "log_every", "save_every", "device", "compile", "channels_last",
     "data", "eval_batch_size", "eval_every", "eval_every_epochs", "epochs", "iterations", "pretrained", "checkpoint",
+    "reset_head", "batch_size",
 })  # fmt: skip
 """Config fields that may differ between a run and the checkpoint it resumes: where and how it runs, logs and
-evaluates, and the schedule's length (a longer one extends the run). Any other difference is refused."""
+evaluates, the schedule's length (a longer one extends the run), the initial weights (the checkpoint replaces
+them) and the batch per process (the global batch must stay: it is checked on its own, so a run can move to
+another number of processes). Any other difference is refused. A field the checkpoint's config does not have
+(one added to the code since) is not compared."""
 
 
 def resolve_resume(resume: str | None, out_dir: Path, log: RunLog) -> Path | None:
@@ -315,13 +319,17 @@ class Trainer:
             (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
+        saved = state["config"]
         changed = {
-            name: (state["config"].get(name), value)
+            name: (saved[name], value)
             for name, value in self.config.items()
-            if name not in RESUME_MAY_CHANGE and state["config"].get(name) != value
+            if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value
         }
         if changed:
-            listed = "; ".join(f"{key}: {was!r} in the checkpoint, {now!r} now" for key, (was, now) in changed.items())
+            listed = "; ".join(
+                f"--{key.replace('_', '-')}: {was!r} in the checkpoint, {now!r} now"
+                for key, (was, now) in changed.items()
+            )
             raise ValueError(
                 f"{path} was trained with other settings ({listed}): a resumed run keeps its settings, so that it "
                 "repeats an uninterrupted one; resume with the checkpoint's values (its config.json), or start a new "

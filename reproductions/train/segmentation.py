@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from models import create_model, load_official_state_dict
 from models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 from models.paca_vit import model_config
+from reproductions.cli import command_line
 from reproductions.eval import ade20k
 from reproductions.train.config import (
     AT_LEAST_ONE,
@@ -81,8 +82,8 @@ class SegmentationConfig(RunConfig):
     LIMITS: ClassVar[dict[str, Limit]] = {
         **RunConfig.LIMITS, "downstream_clusters": NON_NEGATIVE, "head_channels": AT_LEAST_ONE, "crop": AT_LEAST_ONE,
         "scale": AT_LEAST_ONE, "texture_train_samples": AT_LEAST_ONE, "texture_val_samples": AT_LEAST_ONE,
-        "iterations": AT_LEAST_ONE, "warmup_iters": NON_NEGATIVE, "warmup_start": NON_NEGATIVE, "power": POSITIVE,
-        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": BELOW_ONE, "drop_path": BELOW_ONE,
+        "iterations": AT_LEAST_ONE, "warmup_iters": NON_NEGATIVE, "warmup_start": NON_NEGATIVE,
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": BELOW_ONE, "drop_path": BELOW_ONE, "power": NON_NEGATIVE,
         "eval_every": AT_LEAST_ONE,
     }  # fmt: skip
 
@@ -116,6 +117,10 @@ class SegmentationConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.warmup_iters >= self.iterations:
+            raise ValueError(
+                f"--warmup-iters ({self.warmup_iters}) must be below --iterations ({self.iterations}); lower it"
+            )
         if self.eval_only and self.checkpoint is None:
             raise ValueError(
                 "--eval-only evaluates a trained segmentor: pass --checkpoint PATH (an mmseg-format file or this "
@@ -259,4 +264,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(command_line(main, "segmentation"))

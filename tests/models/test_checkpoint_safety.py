@@ -299,6 +299,10 @@ def test_the_viz_cli_takes_a_fine_tuned_checkpoint_and_names_bad_images(tmp_path
     for bad, message in (("missing.png", "does not exist"), ("notes.png", "is not an image Pillow can read")):
         with pytest.raises(SystemExit, match=message):
             viz_main([str(tmp_path / bad), TINY, *args])
+    with pytest.raises(SystemExit, match=r"checkpoint file .*nope\.pth' does not exist"):
+        viz_main([str(image), TINY, "--out", str(tmp_path / "g.png"), "--checkpoint", str(tmp_path / "nope.pth")])
+    with pytest.raises(SystemExit, match="is not a writable folder"):
+        viz_main([str(image), TINY, "--out", str(tmp_path / "no" / "g.png")])
 
 
 @settings(max_examples=40, deadline=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,12 +103,12 @@ BAD_VALUES = [
     (ClassificationConfig, ["--weight-decay", "nan"], "--weight-decay must be finite and >= 0, got nan"),
     (ClassificationConfig, ["--betas", "0.9", "1.0"], "--betas must be in [0, 1), got (0.9, 1.0)"),
     (ClassificationConfig, ["--betas", "0.9"], "argument --betas: expected 2 arguments"),
-    (ClassificationConfig, ["--model-kwargs", "[1, 2]"], "expected a JSON object such as"),
+    (ClassificationConfig, ["--model-kwargs", "[1, 2]"], "expected a JSON object ('{\"name\": value, ...}'"),
     (ClassificationConfig, ["--model-kwargs", "{depths: 1}"], "not valid JSON"),
     (ClassificationConfig, ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (ClassificationConfig, ["--mixup-prob", "1.5"], "--mixup-prob must be in [0, 1], got 1.5"),
     (ClassificationConfig, ["--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
-    (SegmentationConfig, ["--iterations", "0", "--power", "0"], "--iterations must be >= 1, got 0; --power must be"),
+    (SegmentationConfig, ["--iterations", "0", "--power=-1"], "--iterations must be >= 1, got 0; --power must be"),
     (SegmentationConfig, ["--scale", "2048"], "argument --scale: expected 2 arguments"),
 ]
 
@@ -154,3 +155,34 @@ def test_any_lr_and_betas_either_parse_within_the_rules_or_exit_with_one_line(lr
     else:
         assert math.isfinite(config.lr) and config.lr > 0 and len(config.betas) == 2
         assert all(0 <= beta < 1 for beta in config.betas)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--eval-only", "--pretrained", "w.pth", "--reset-head"], "would evaluate an untrained classifier"),
+    (["--epochs", "2"], "--warmup-epochs (5) must be below --epochs (2)"),
+    (["--mean", "0.5", "0.5"], "--mean has 2 values and --std 3: give one per channel"),
+])  # fmt: skip
+def test_options_that_contradict_each_other_are_refused(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(ClassificationConfig, argv)
+    assert message in capsys.readouterr().err
+
+
+def test_configs_rebuilt_from_their_json_pass_and_bad_lists_are_named(tmp_path: Path) -> None:
+    config = ClassificationConfig(betas=(0.9, 0.99), mean=(0.5,), std=(0.25,))
+    rebuilt = ClassificationConfig(**json.loads(json.dumps(to_jsonable(config))))  # lists and strings
+    assert list(rebuilt.betas) == [0.9, 0.99]
+    with pytest.raises(ValueError, match=r"--betas must be in \[0, 1\), got \[0\.9, 1\.5\]"):
+        ClassificationConfig(betas=[0.9, 1.5])
+    with pytest.raises(ValueError, match="--std must be finite and > 0, got 'x'"):
+        ClassificationConfig(std="x")
+    assert parse_config(SegmentationConfig, ["--custom-keys", "null", "--power", "0"]).custom_keys is None
+
+
+def test_the_training_command_lines_end_user_errors_in_one_line(tmp_path: Path, capsys) -> None:
+    from reproductions.cli import command_line
+    from reproductions.train import classification
+
+    status = command_line(classification.main, "classification", ["--data", str(tmp_path / "nowhere")])
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and error.startswith("classification: error: ") and "\n" not in error

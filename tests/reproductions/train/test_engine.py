@@ -214,7 +214,10 @@ def test_a_resume_that_changes_hyper_parameters_is_refused_with_every_difference
     config = {"name": "test", "lr": 1e-2, "weight_decay": 0.05, "workers": 0, "stop_after": 2, "epochs": 3}
     _trainer(tmp_path, config=config, stop_after=2).fit()
     changed = {**config, "lr": 5e-3, "weight_decay": 0.1, "workers": 4, "stop_after": None, "epochs": 6}
-    with pytest.raises(ValueError, match=r"lr: 0\.01 in the checkpoint, 0\.005 now; weight_decay: 0\.05 .* 0\.1 now\)"):
+    refused = r"--lr: 0\.01 in the checkpoint, 0\.005 now; --weight-decay: 0\.05 .* 0\.1 now\)"
+    with pytest.raises(ValueError, match=refused):
         _trainer(tmp_path, resume=tmp_path / "last.pt", config=changed)
     allowed = {**config, "workers": 4, "stop_after": None, "epochs": 6}  # how it runs, and a longer schedule
     assert _trainer(tmp_path, resume=tmp_path / "last.pt", config=allowed).step == 2
+    newer = {**allowed, "reset_head": False}  # a field the code gained after the checkpoint was written
+    assert _trainer(tmp_path, resume=tmp_path / "last.pt", config=newer).step == 2
