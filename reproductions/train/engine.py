@@ -342,7 +342,13 @@ class Trainer:
                 f"({self.ctx.world_size} process(es) × --batch-size {self.settings.batch_size}): its steps would "
                 "mean other epochs and lrs; resume with the same global batch"
             )
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:  # torch's size-mismatch report, e.g. a head for another number of classes
+            raise ValueError(
+                f"{path} holds weights that do not fit this run's model ({str(err).splitlines()[-1].strip()}); a "
+                "resumed run needs the same model and the same classes in --data"
+            ) from err
         self.optimizer.load_state_dict(state["optimizer"])
         # the step count only: the schedule itself is this run's (e.g. a longer --epochs extends it)
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})

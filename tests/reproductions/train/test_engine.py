@@ -221,3 +221,13 @@ def test_a_resume_that_changes_hyper_parameters_is_refused_with_every_difference
     assert _trainer(tmp_path, resume=tmp_path / "last.pt", config=allowed).step == 2
     newer = {**allowed, "reset_head": False}  # a field the code gained after the checkpoint was written
     assert _trainer(tmp_path, resume=tmp_path / "last.pt", config=newer).step == 2
+
+
+def test_a_resume_onto_another_model_shape_is_named(tmp_path: Path) -> None:
+    _trainer(tmp_path, stop_after=2).fit()
+    trainer_state = load_checkpoint(tmp_path / "last.pt")
+    trainer_state["model"]["3.weight"] = torch.zeros(5, 16)  # a head for 5 classes instead of 2
+    trainer_state["model"]["3.bias"] = torch.zeros(5)
+    torch.save(trainer_state, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt holds weights that do not fit this run's model .*size mismatch"):
+        _trainer(tmp_path / "again", resume=tmp_path / "other.pt")
