@@ -6,7 +6,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["USER_ERRORS", "command_line"]
+from models import create_model
+
+__all__ = ["USER_ERRORS", "command_line", "create_from_options"]
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 """What a wrong command line, file or data folder raises (a checkpoint that does not fit is a ValueError too)."""
@@ -21,3 +23,12 @@ def command_line(main: Callable[[Sequence[str]], Any], name: str, argv: Sequence
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def create_from_options(option: str, name: str, **overrides: Any) -> Any:
+    """``models.create_model(name, **overrides)``, where a keyword the model does not take came from the
+    command line (``option``): a ValueError that names the option, for :func:`command_line`'s one line."""
+    try:
+        return create_model(name, **overrides)
+    except TypeError as err:
+        raise ValueError(f"{option}: {err}") from err

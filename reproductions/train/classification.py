@@ -31,8 +31,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from models import create_model, load_official_state_dict
-from reproductions.cli import command_line
+from models import load_official_state_dict
+from reproductions.cli import command_line, create_from_options
 from reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from reproductions.train.config import (
     AT_LEAST_ONE,
@@ -260,7 +260,7 @@ def build_model(config: ClassificationConfig, num_classes: int, log: RunLog) -> 
     overrides = dict(config.model_kwargs, num_classes=num_classes)
     if config.drop_path is not None:
         overrides["drop_path_rate"] = config.drop_path
-    model = create_model(config.model, **overrides)
+    model = create_from_options("--model-kwargs", config.model, **overrides)
     if config.pretrained is not None:
         report = load_official_state_dict(model, config.pretrained, reset_head=config.reset_head)
         fresh = f"; a fresh {num_classes}-class head" if report.reset else ""

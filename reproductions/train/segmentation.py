@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from models import create_model, load_official_state_dict
+from models import load_official_state_dict
 from models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 from models.paca_vit import model_config
-from reproductions.cli import command_line
+from reproductions.cli import command_line, create_from_options
 from reproductions.eval import ade20k
 from reproductions.train.config import (
     AT_LEAST_ONE,
@@ -214,7 +214,8 @@ def build_segmentor(config: SegmentationConfig, num_classes: int, log: RunLog) -
     clusters = clusters if config.downstream_clusters is None else config.downstream_clusters
     drop_path = drop_path if config.drop_path is None else config.drop_path
     log.info(f"backbone {config.backbone}: clusters per stage {tuple(clusters)}, drop path {drop_path}")
-    backbone = create_model(
+    backbone = create_from_options(
+        "--backbone-kwargs",
         config.backbone,
         **config.backbone_kwargs,
         num_classes=0,

@@ -186,3 +186,11 @@ def test_the_training_command_lines_end_user_errors_in_one_line(tmp_path: Path, 
     status = command_line(classification.main, "classification", ["--data", str(tmp_path / "nowhere")])
     error = capsys.readouterr().err.strip()
     assert status == 2 and error.startswith("classification: error: ") and "\n" not in error
+    from PIL import Image
+
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "val" / "a" / "0.png")
+    typo = ["--data", str(tmp_path / "data"), "--eval-only", "--pretrained", "w.pth", "--model-kwargs", '{"dept": 1}']
+    assert command_line(classification.main, "classification", [*typo, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--model-kwargs: " in error and "unexpected keyword argument 'dept'" in error and "\n" not in error
