@@ -6,7 +6,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "tests_scatter"]
 
 CONSTRAINTS = ("-c", "constraints.txt")
 
@@ -17,11 +17,20 @@ def install(session: nox.Session, extras: str = "test,flops,viz,export,sequence,
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (`-m 'not slow'`) with every optional dependency, whose tests then may not skip."""
+    """The test suite (not `slow`, not `scatter`) with every optional dependency but torch-scatter; tests of
+    optional dependencies may not skip here."""
     install(session)
-    # torch-scatter ships as source only and must build against the installed torch.
+    required = {"TOCALIB_REQUIRE_OPTIONAL": "1"}
+    session.run("pytest", "-q", "-m", "not slow and not scatter", *session.posargs, env=required)
+
+
+@nox.session
+def tests_scatter(session: nox.Session) -> None:
+    """The torch-scatter backend's parity tests (marked `scatter`). torch-scatter ships as source only and
+    builds against the installed torch, which takes minutes on a fresh machine: hence a session of its own."""
+    install(session)
     session.install(*CONSTRAINTS, "--no-build-isolation", "torch-scatter")
-    session.run("pytest", "-q", *session.posargs, env={"TOCALIB_REQUIRE_OPTIONAL": "1"})
+    session.run("pytest", "-q", "-m", "scatter", *session.posargs, env={"TOCALIB_REQUIRE_OPTIONAL": "1"})
 
 
 @nox.session

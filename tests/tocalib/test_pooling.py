@@ -62,6 +62,7 @@ def test_soft_assignment_of_bf16_logits_is_the_float32_softmax_rounded_once():
     assert torch.equal(soft_assign(logits), expected)
 
 
+@pytest.mark.scatter
 @given(hard_problems())
 def test_torch_scatter_backend_agrees_with_native_torch(optional_module, problem):
     optional_module("torch_scatter", "torch-scatter is not installed (pip install tocalib[scatter])")
