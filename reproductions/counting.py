@@ -50,8 +50,8 @@ from tocalib.flops import mac_analysis
 
 __all__ = [
     "Count",
-    "Counter",
     "CountingPool",
+    "ModelCounter",
     "build_model",
     "count_detection_heads",
     "num_params",
@@ -155,7 +155,7 @@ def count_detection_heads(section: Section, row: Row) -> dict[str, int]:
     return {name: counts[name] for name in HEAD_PARTS}
 
 
-class Counter:
+class ModelCounter:
     """Counts rows; remembers, for the lifetime of this object only, what it already counted.
 
     For detection rows the count covers backbone + FPN only; :class:`CountingPool` adds the heads.
@@ -202,14 +202,14 @@ def _with_heads(count: Count, heads: dict[str, int]) -> Count:
     return dataclasses.replace(count, macs=parts["all_ops"] - parts[SKIPPED], parts=parts)
 
 
-_WORKER_COUNTER: Counter | None = None
-"""The :class:`Counter` of a :class:`CountingPool` worker process (one per process, for the pool's lifetime)."""
+_WORKER_COUNTER: ModelCounter | None = None
+"""The :class:`ModelCounter` of a :class:`CountingPool` worker process (one per process, for the pool's lifetime)."""
 
 
 def _start_worker() -> None:
     global _WORKER_COUNTER
     torch.set_num_threads(1)
-    _WORKER_COUNTER = Counter()
+    _WORKER_COUNTER = ModelCounter()
 
 
 def _announce(section: Section, row: Row) -> None:
@@ -229,7 +229,7 @@ class _InProcess:
     """The ``submit`` of an executor, run at once in this process."""
 
     def __init__(self) -> None:
-        self._counter = Counter()
+        self._counter = ModelCounter()
 
     def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
         future: Future[Any] = Future()

@@ -19,6 +19,7 @@ pipeline's ``best.pt``/``last.pt``).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -277,7 +278,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         task = ClassificationTask(config, val_set, num_classes, ctx)
-        log.info(f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes")
+        name = (
+            f"{config.model} with --model-kwargs {json.dumps(config.model_kwargs)}"
+            if config.model_kwargs
+            else config.model
+        )
+        log.info(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes")
         if config.eval_only:
             return evaluate_only(model, task, log)
         global_batch = config.batch_size * ctx.world_size
