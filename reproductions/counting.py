@@ -52,7 +52,7 @@ __all__ = [
     "Count",
     "CountingPool",
     "ModelCounter",
-    "build_model",
+    "build_row_model",
     "count_detection_heads",
     "num_params",
     "official_fvcore_skips",
@@ -67,7 +67,7 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_model(section: Section, row: Row) -> nn.Module:
+def build_row_model(section: Section, row: Row) -> nn.Module:
     """A fresh, randomly initialised model for ``row``, in eval mode: the classifier, the Mask R-CNN or the
     segmentor, with the row's per-stage cluster override."""
     overrides: dict[str, Any] = {} if row.num_clusters is None else {"num_clusters": row.num_clusters}
@@ -147,7 +147,7 @@ def count_detection_heads(section: Section, row: Row) -> dict[str, int]:
     ``section.resolution``, in ``mask_rcnn_macs``'s "paper" convention."""
     image_hw = section.resolution
     with torch.device("meta"):  # output shapes only: no initialisation, no compute
-        backbone = build_model(section, row).backbone
+        backbone = build_row_model(section, row).backbone
         shapes = [tuple(f.shape) for f in backbone(torch.zeros(1, 3, *image_hw))]
     stand_in = MaskRCNN(_FixedFeatures(shapes), list(backbone.embed_dims))
     with torch.no_grad():
@@ -170,7 +170,7 @@ class ModelCounter:
         if key in self._done:
             return dataclasses.replace(self._done[key], seconds=0.0, reused=True)
         start = time.perf_counter()
-        model = build_model(section, row)
+        model = build_row_model(section, row)
         image = torch.ones(1, 3, *section.resolution)
         with torch.no_grad():
             if section.task in ("classification", "segmentation"):  # segmentation: decode head only, as

@@ -31,7 +31,7 @@ import torch
 
 from reproductions.cli import USER_ERRORS
 from reproductions.counting import CountingPool
-from reproductions.eval import check_inputs, evaluate_row
+from reproductions.eval import check_eval_inputs, evaluate_row
 from reproductions.report import RowResult, render_text, summary, write_outputs
 from reproductions.tables import TABLES, Row, Section, Table, load_table
 
@@ -144,7 +144,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if not any(selected.values()):
         raise ValueError(f"no row matches --rows {args.rows!r}")
     if args.checkpoints is not None:
-        check_inputs([pair for rows in selected.values() for pair in rows], args.checkpoints, args.data)
+        check_eval_inputs([pair for rows in selected.values() for pair in rows], args.checkpoints, args.data)
     failed = []
     with CountingPool(args.workers) as pool:  # what it counted is shared by the tables of this run only
         for table in tables:

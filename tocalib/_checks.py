@@ -53,7 +53,7 @@ def _check_tokens(name: str, t: Tensor, dim: int, hint: str = _LAYOUT_HINT) -> N
         )
 
 
-def check_inputs(
+def check_forward(
     layer: ToCaAttention, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None, assignment: Tensor | None
 ) -> Tensor | None:
     """Validate a forward call; return ``keep`` (B, L) bool (True = real clustered token) or None."""

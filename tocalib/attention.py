@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib._checks import _NOT_SCRIPTABLE, check_inputs, check_int, check_step
+from tocalib._checks import _NOT_SCRIPTABLE, check_forward, check_int, check_step
 from tocalib.causal import (
     ClusterState,
     KVCache,
@@ -207,7 +207,7 @@ class ToCaAttention(nn.Module):
             out = self(padded, key_padding_mask=pad, assignment=assignment, return_assignment=return_assignment,
                        return_intermediates=return_intermediates, need_weights=need_weights)  # fmt: skip
             return (pack(out[0], pad), out[1]) if isinstance(out, tuple) else pack(out, pad)
-        keep = check_inputs(self, x, context, key_padding_mask, assignment)
+        keep = check_forward(self, x, context, key_padding_mask, assignment)
         source = x if context is None else context
         if keep is not None:
             source = source.masked_fill(~keep.unsqueeze(-1), 0.0)

@@ -1,6 +1,6 @@
 """Accuracy of the released checkpoints: ImageNet top-1, ADE20k mIoU, COCO box/mask AP.
 
-:func:`evaluate_row` builds a row's model (:func:`reproductions.counting.build_model`), loads its checkpoint
+:func:`evaluate_row` builds a row's model (:func:`reproductions.counting.build_row_model`), loads its checkpoint
 strictly and runs the task's evaluation on the dataset folder. Readers use Pillow and numpy only; the COCO metric
 needs pycocotools (``pip install pycocotools``), imported only when a COCO row is evaluated.
 """
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from models import load_official_state_dict
 from models.heads import EncoderDecoder, MaskRCNN, load_mmengine_checkpoint
-from reproductions.counting import build_model
+from reproductions.counting import build_row_model
 from reproductions.tables import Row, Section
 
-__all__ = ["DATA_LAYOUT", "check_inputs", "evaluate_row"]
+__all__ = ["DATA_LAYOUT", "check_eval_inputs", "evaluate_row"]
 
 DATA_LAYOUT = {
     "classification": "<class folder>/<image> files (ImageNet val sorted into class folders; sorted names = indices)",
@@ -25,7 +25,7 @@ DATA_LAYOUT = {
 """What each task expects inside its dataset folder (``--data``/``section.data``)."""
 
 
-def check_inputs(rows: Sequence[tuple[Section, Row]], checkpoints: Path, data: Path) -> None:
+def check_eval_inputs(rows: Sequence[tuple[Section, Row]], checkpoints: Path, data: Path) -> None:
     """Fail before any work when a checkpoint file or dataset folder is missing, naming every missing path and
     what was expected there."""
     problems = []
@@ -56,7 +56,7 @@ def evaluate_row(
     ``allow_fewer_classes``: ImageNet folders for only the model's first classes (see
     :func:`reproductions.eval.imagenet.evaluate`).
     """
-    model = build_model(section, row)
+    model = build_row_model(section, row)
     if section.task == "classification":
         from reproductions.eval import imagenet
 

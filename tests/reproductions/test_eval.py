@@ -14,8 +14,8 @@ from PIL import Image
 
 from models import create_model
 from models.heads import paca_segmentor
-from reproductions.counting import build_model
-from reproductions.eval import ade20k, check_inputs, evaluate_row
+from reproductions.counting import build_row_model
+from reproductions.eval import ade20k, check_eval_inputs, evaluate_row
 from reproductions.eval.ade20k import NUM_CLASSES
 from reproductions.reproduce import main
 from reproductions.tables import load_table
@@ -48,7 +48,7 @@ def _imagenet(tmp_path: Path) -> tuple[Path, Path]:
         for k in range(n):
             _image(data / name / f"ILSVRC2012_val_{c}{k}.JPEG", 60 + 10 * k, 80 - 7 * c, seed=10 * c + k)
     section, row = _row("table1", "imagenet", TINY)
-    state = build_model(section, row).state_dict()
+    state = build_row_model(section, row).state_dict()
     state["head.bias"] = torch.zeros(1000).index_fill_(0, torch.tensor([1]), 1e4)
     checkpoint = tmp_path / "ckpt" / row.checkpoint
     checkpoint.parent.mkdir()
@@ -91,7 +91,7 @@ def test_ade20k_miou_end_to_end(tmp_path: Path) -> None:
         Image.fromarray(labels).save(path)
         label_maps.append(labels)
     section, row = _row("table3", "ade20k", TINY, "paca")
-    model = build_model(section, row)
+    model = build_row_model(section, row)
     state = model.state_dict()
     state["decode_head.conv_seg.bias"] = torch.zeros(NUM_CLASSES).index_fill_(0, torch.tensor([1]), 1e4)
     checkpoint = tmp_path / row.checkpoint
@@ -172,7 +172,7 @@ def test_coco_ap_end_to_end(tmp_path: Path, optional_module) -> None:
     root = tmp_path / "coco"
     _coco_dataset(root)
     section, row = _row("table2", "coco", TINY)
-    model = build_model(section, row)
+    model = build_row_model(section, row)
     state = model.state_dict()
     state["roi_head.bbox_head.fc_cls.bias"] = torch.zeros(81).index_fill_(0, torch.tensor([0]), 10.0)
     checkpoint = tmp_path / row.checkpoint
@@ -185,7 +185,7 @@ def test_coco_ap_end_to_end(tmp_path: Path, optional_module) -> None:
 def test_missing_inputs_are_named(tmp_path: Path) -> None:
     rows = load_table("table2").rows[:2] + load_table("table3").rows[:1]
     with pytest.raises(FileNotFoundError) as error:
-        check_inputs(rows, tmp_path / "ckpt", tmp_path / "data")
+        check_eval_inputs(rows, tmp_path / "ckpt", tmp_path / "data")
     message = str(error.value)
     assert str(tmp_path / "ckpt" / rows[0][1].checkpoint) in message
     assert f"{tmp_path / 'data' / 'coco'}: expected val2017/*.jpg" in message

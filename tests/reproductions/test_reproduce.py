@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.heads.flops import mask_rcnn_macs, segmentor_macs
-from reproductions.counting import CountingPool, build_model, official_fvcore_skips
+from reproductions.counting import CountingPool, build_row_model, official_fvcore_skips
 from reproductions.report import RowResult
 from reproductions.reproduce import main, reproduce_table
 from reproductions.tables import TABLES, Number, load_table
@@ -56,7 +56,7 @@ def test_segmentation_count_is_segmentor_macs() -> None:
     section, row = next((s, r) for s, r in load_table("table3").rows if r.head == "paca")
     with CountingPool(1) as pool:
         (count,) = pool.counts([(section, row)])
-    assert count.macs == count.parts["all_ops"] == segmentor_macs(build_model(section, row), section.resolution)
+    assert count.macs == count.parts["all_ops"] == segmentor_macs(build_row_model(section, row), section.resolution)
 
 
 def test_checkpoints_without_data_is_an_error(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_split_detection_count_equals_mask_rcnn_macs() -> None:
     section, row = load_table("table2").rows[0]
     with CountingPool(1) as pool:
         (count,) = pool.counts([(section, row)])
-    whole = mask_rcnn_macs(build_model(section, row), section.resolution, convention="paper")
+    whole = mask_rcnn_macs(build_row_model(section, row), section.resolution, convention="paper")
     assert {part: count.parts[part] for part in whole if part != "total"} == {
         k: v for k, v in whole.items() if k != "total"
     }
@@ -94,8 +94,8 @@ def test_official_fvcore_skips_are_the_teacher_depthwise_convs() -> None:
     section, _ = load_table("table1").rows[0]
     rows = {row.model: row for _, row in load_table("table1").rows}
     with torch.device("meta"):
-        teacher = build_model(section, rows["pacavit_convmixer_small_100"])
-        plain = build_model(section, rows["pacavit_small_p2cconv_100_0"])
+        teacher = build_row_model(section, rows["pacavit_convmixer_small_100"])
+        plain = build_row_model(section, rows["pacavit_small_p2cconv_100_0"])
     names = official_fvcore_skips(teacher)
     assert len(names) == 2 + 2 + 2 + 2 + 3  # teacher depths 2,2,2,2 plus three FPN layers
     modules = dict(teacher.named_modules())

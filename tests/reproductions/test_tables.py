@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import list_models
-from reproductions.counting import build_model, num_params
+from reproductions.counting import build_row_model, num_params
 from reproductions.report import check
 from reproductions.tables import TABLES, Number, TableFormatError, load_table
 
@@ -51,7 +51,7 @@ def test_reported_params_within_rounding_or_recorded_erratum(name: str, section,
     """Parameter shapes only (meta device): every row's params are within the README's rounding, or the row
     records an erratum and matches the official code's count."""
     with torch.device("meta"):
-        model = build_model(section, row)
+        model = build_row_model(section, row)
     result = check(
         num_params(model) / 1e6, row.params_m, row.params_m.half_unit, row.errata.get("params"), row.official_params_m
     )
