@@ -1,4 +1,5 @@
-"""Initialisation shared by the model families (reference §2.4, also PVTv2's and Swin's convention)."""
+"""Initialisation shared by the model families (PaCaViT@4307018 paca_vit.py `init_weights`, also PVTv2's and Swin's
+convention)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Load official PaCa-ViT checkpoints (reference §6.5) into the models of :mod:`models.paca_vit`.
+"""Load official PaCa-ViT checkpoints (PaCaViT@4307018 paca_vit.py, its module tree) into the models of
+:mod:`models.paca_vit`.
 
 Accepted inputs: a raw state dict, ``{'state_dict': ...}`` (timm, mmengine) or ``{'model': ...}``, or
 a path to any of them. Key prefixes ``module.`` (DistributedDataParallel) and ``backbone.`` (mmdet /

@@ -1,8 +1,9 @@
 """PaCa-ViT backbones (Grainger et al., CVPR 2023), built from :class:`tocalib.ToCaAttention`.
 
-Architecture (reference §2): an overlapping conv stem (stride 4), four stages of pre-norm PaCa blocks
+Architecture (PaCaViT@4307018 paca_vit.py): an overlapping conv stem (stride 4), four stages of pre-norm PaCa blocks
 with an overlapping stride-2 conv transition between stages, a LayerNorm per stage and a mean-pool
-linear head. Module names and shapes follow the official checkpoints exactly (reference §6.5), so
+linear head. Module names and shapes follow the official checkpoints exactly (PaCaViT@4307018 paca_vit.py, its module
+tree), so
 :func:`models.load_official_state_dict` loads them without renaming.
 
 Where the clustering runs (per stage, ``recompute_every``):
@@ -205,7 +206,7 @@ def _per_stage(value: int | Sequence[int], name: str) -> tuple[int, ...]:
 
 
 class PaCaViT(nn.Module):
-    """PaCa-ViT backbone and classifier (reference §2), with optional ConvMixer-FPN teacher (§3).
+    """PaCa-ViT backbone and classifier (PaCaViT@4307018 paca_vit.py), with optional ConvMixer-FPN teacher.
 
     Args:
         embed_dims: width C_i of the 4 stages.
@@ -300,7 +301,8 @@ class PaCaViT(nn.Module):
         return block == 0 or every == 1 or (every >= 2 and block % every == 0)
 
     def init_weights(self) -> None:
-        """Reference §2.4: Linear trunc_normal(0.02), conv normal(0, sqrt(2/fan_out)), norms 1/0, biases 0."""
+        """PaCaViT@4307018 ``init_weights``: Linear trunc_normal(0.02), conv normal(0, sqrt(2/fan_out)), norms 1/0,
+        biases 0."""
         self.apply(init_weights)
 
     def forward_features(
@@ -363,7 +365,7 @@ class PaCaViT(nn.Module):
         return (out, assignments) if return_assignments else out
 
 
-# --- model table (reference §2.5) -------------------------------------------------------------------
+# --- model table (PaCaViT@4307018 paca_vit.py `_arch_settings`) ---
 
 _TINY = dict(embed_dims=(96, 192, 320, 384), depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.1)
 _SMALL = dict(_TINY, depths=(3, 3, 10, 3))

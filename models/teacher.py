@@ -1,6 +1,6 @@
 """PaCa-ViT's clustering teacher: a ConvMixer-FPN CNN that provides one assignment per stage.
 
-The teacher (reference §3, ``PaCaTeacher_ConvMixer``) reads the backbone's stem output and returns
+The teacher (``PaCaTeacher_ConvMixer`` in PaCaViT@4307018 paca_vit.py) reads the backbone's stem output and returns
 
 * ``assignments[i]``: (B, M_i, H_i·W_i), softmax over the H_i·W_i positions, fed to **every** block of
   stage i (None where M_i = 0);

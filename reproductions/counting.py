@@ -1,6 +1,6 @@
 """Build each row's model and count its parameters and MACs ("FLOPs") with the project's counter.
 
-Conventions (reference paca_official.md §5, §9):
+Conventions (those under which the numbers of PaCaViT@4307018's README reproduce):
 
 * **classification**: the whole model, 1000-way head included; fvcore rules plus tocalib's handles
   (:func:`tocalib.flops.mac_analysis`, as ``count_macs``) on one (1, 3, H, W) image; mean pooling does no MACs.

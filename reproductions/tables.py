@@ -77,7 +77,7 @@ class Row:
         checkpoint: file name of the released checkpoint (the README's link name).
         head: segmentation head (``"upernet"`` or ``"paca"``), None otherwise.
         num_clusters: per-stage cluster override of the downstream config, None for the model's own.
-        official_params_m, official_flops_g: the reference's counts of the official code (reference §4); only
+        official_params_m, official_flops_g: the counts of the official code (PaCaViT@4307018); only
             used to check rows whose README number is an erratum.
         errata: explanation per erroneous field (:data:`ERRATA_FIELDS`).
     """

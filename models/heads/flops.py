@@ -5,7 +5,8 @@ forward at 512×512, backbone + decode head up to the 1/4-resolution logits, aux
 reproduces every README row within 1 %.
 
 **COCO** (:func:`mask_rcnn_macs`): every README row is fvcore(backbone + FPN) at 1280×800 plus 132.8 ± 0.4 G
-(dossier §4 R3), but fvcore's rules give the RPN and RoI heads only 117.9 G. The gap is one operator, the mask
+(counted by running the official code), but fvcore's rules give the RPN and RoI heads only 117.9 G. The gap is one
+operator, the mask
 head's 2×2 stride-2 transposed convolution. fvcore (and mmcv's hook counter) count a transposed convolution
 once per *input* position; torchprofile, whose count the official ``get_flops.py`` prints next to mmengine's,
 counts every convolution per *output* position (``prod(out_shape) · C_in · k²``), 4× for this layer:

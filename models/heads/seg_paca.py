@@ -1,4 +1,5 @@
-"""The PaCa semantic-segmentation head (official ``PaCaSegHead``; dossier §6.3).
+"""The PaCa semantic-segmentation head (official ``PaCaSegHead``; PaCaViT@4307018 models/ and
+segmentation/configs/paca_vit/).
 
 The four backbone maps are projected to 256 channels, resized to the 1/4 map and concatenated into X
 (B, 1024, H, W). A clustering branch predicts one soft cluster per class (L = num_classes), a softmax over the

@@ -1,6 +1,7 @@
 """ADE20k mIoU on ``ADEChallengeData2016`` (``images/validation/*.jpg`` + ``annotations/validation/*.png``).
 
-mmseg 1.x's ADE20k test setting (reference §6.3): resize keeping the aspect ratio into (2048, 512) (short side
+mmseg 1.x's ADE20k test setting (PaCaViT@4307018 segmentation configs): resize keeping the aspect ratio into (2048,
+512) (short side
 512 unless the long side would pass 2048), whole-image inference, logits resized bilinearly to the annotation's
 size, arg-max. Labels: 150 classes with ``reduce_zero_label`` (0 = "other" is ignored, 1…150 → 0…149). mIoU is
 mmseg's: per class, total intersection / total union over the dataset, then the mean over classes present in

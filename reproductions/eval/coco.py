@@ -1,6 +1,7 @@
 """COCO val2017 box and mask AP with pycocotools (``val2017/*.jpg`` + ``annotations/instances_val2017.json``).
 
-mmdet 3.x's test setting for the released Mask R-CNN configs (reference §6.2): resize keeping the aspect ratio
+mmdet 3.x's test setting for the released Mask R-CNN configs (PaCaViT@4307018 mask_rcnn_1x configs): resize keeping
+the aspect ratio
 into (1333, 800), pad to a multiple of 32 (done by :meth:`models.heads.MaskRCNN.predict`), 1000 proposals,
 score threshold 0.05, NMS 0.5, 100 detections. Boxes are mapped back to the original image by the resize factors.
 Masks come from ``MaskRCNN.predict`` at the resized image's size and are resized bilinearly to the original size

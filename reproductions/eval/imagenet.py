@@ -1,6 +1,7 @@
 """ImageNet-1k top-1 on a validation folder sorted into class folders (``val/n01440764/*.JPEG`` …).
 
-Preprocessing is timm's evaluation transform for ``crop_pct=0.9`` (reference §6.1): resize the shorter side to
+Preprocessing is timm's evaluation transform for ``crop_pct=0.9`` (PaCaViT@4307018 imagenet_vit_adamw.yml): resize
+the shorter side to
 ``floor(224 / 0.9) = 248`` with bicubic interpolation (Pillow, as torchvision does for PIL images), center-crop
 224, scale to [0, 1] and normalise with the ImageNet mean and std. Class indices are the sorted folder names, as
 in torchvision's ``ImageFolder`` (the standard order of the 1000 synsets).

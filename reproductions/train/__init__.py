@@ -2,9 +2,11 @@
 
 Entry points, each runnable alone or under ``torchrun --nproc_per_node N``:
 
-* ``python -m reproductions.train.classification``: the ImageNet-1k recipe of the paper (reference §6.1) on an
+* ``python -m reproductions.train.classification``: the ImageNet-1k recipe of the paper (PaCaViT@4307018
+imagenet_vit_adamw.yml) on an
   ImageFolder tree, or the Fashion-MNIST preset (``--preset fashion_mnist``);
-* ``python -m reproductions.train.segmentation``: the ADE20k recipe (reference §6.3) for the PaCa head and
+* ``python -m reproductions.train.segmentation``: the ADE20k recipe (PaCaViT@4307018 segmentation configs) for the
+PaCa head and
   UperNet, or the scikit-image texture preset (``--preset textures``).
 
 The pieces: :mod:`.config` (dataclass configs and their command lines), :mod:`.distributed` (process group,

@@ -1,4 +1,5 @@
-"""Image-classification training and evaluation with the paper's ImageNet-1k recipe (reference §6.1).
+"""Image-classification training and evaluation with the paper's ImageNet-1k recipe (PaCaViT@4307018
+imagenet_vit_adamw.yml).
 
 Launch (one node, 8 GPUs; the defaults are the paper's settings)::
 
@@ -61,7 +62,8 @@ __all__ = ["PRESETS", "ClassificationConfig", "ClassificationTask", "main", "sof
 class ClassificationConfig(RunConfig):
     """Train (or evaluate) an image classifier with the paper's ImageNet-1k recipe under torchrun.
 
-    Defaults are reference §6.1. ``lr=None`` applies the scaling rule to ``lr_base``, ``warmup_lr`` and
+    Defaults are PaCaViT@4307018 imagenet_vit_adamw.yml. ``lr=None`` applies the scaling rule to ``lr_base``,
+    ``warmup_lr`` and
     ``min_lr`` (× global batch / 512); an explicit ``lr`` takes ``warmup_lr`` and ``min_lr`` as given.
     """
 

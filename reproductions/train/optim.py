@@ -1,9 +1,11 @@
 """Parameter groups, the learning-rate scaling rule and the two schedules of the paper's recipes.
 
-* Classification (reference §6.1, timm): AdamW with no weight decay on 1-D parameters (norms) and biases
+* Classification (PaCaViT@4307018 imagenet_vit_adamw.yml, timm): AdamW with no weight decay on 1-D parameters (norms)
+and biases
   (:func:`no_decay_groups`), lr scaled by the global batch (:func:`scaled_lr`), linear warmup then cosine
   (:class:`WarmupCosine`).
-* Segmentation (§6.3, mmengine): per-parameter ``custom_keys`` multipliers (:func:`custom_key_groups`), linear
+* Segmentation (PaCaViT@4307018 segmentation configs, mmengine): per-parameter ``custom_keys`` multipliers
+(:func:`custom_key_groups`), linear
   warmup then polynomial decay (:class:`WarmupPoly`).
 
 Schedules are step-indexed factors on each group's base lr, used through ``torch.optim.lr_scheduler.LambdaLR``
@@ -22,7 +24,8 @@ __all__ = ["WarmupCosine", "WarmupPoly", "custom_key_groups", "no_decay_groups",
 
 
 def scaled_lr(lr_base: float, global_batch: int, base_batch: int = 512) -> float:
-    """The linear scaling rule: ``lr_base × global_batch / base_batch`` (§6.1: 5e-4 × 1024 / 512 = 1e-3)."""
+    """The linear scaling rule: ``lr_base × global_batch / base_batch`` (imagenet_vit_adamw.yml: 5e-4 × 1024 / 512 =
+    1e-3)."""
     if global_batch <= 0 or base_batch <= 0:
         raise ValueError(f"batch sizes must be positive, got global_batch={global_batch}, base_batch={base_batch}")
     return lr_base * global_batch / base_batch
@@ -87,7 +90,8 @@ class WarmupCosine:
     """lr factor at optimizer step ``t``: linear from ``warmup_factor`` to 1 over ``warmup_steps``, then the
     cosine ``min + (1 − min)·(1 + cos(π t / total_steps)) / 2`` that reaches ``min_factor`` at ``total_steps``.
     As in timm's cosine scheduler (``warmup_prefix=False``) the cosine is a function of ``t / total_steps`` and the
-    warmup only replaces its first steps. (§6.1 with lr 1e-3: warmup_factor = 1e-6/1e-3, min_factor = 1e-5/1e-3.)
+    warmup only replaces its first steps. (imagenet_vit_adamw.yml with lr 1e-3: warmup_factor = 1e-6/1e-3, min_factor
+    = 1e-5/1e-3.)
     timm steps this schedule once per epoch; here it moves every step."""
 
     total_steps: int
@@ -108,7 +112,8 @@ class WarmupCosine:
 @dataclass
 class WarmupPoly:
     """mmengine's ``LinearLR(start_factor, end=warmup_steps)`` then ``PolyLR(power, eta_min=0, begin=warmup_steps,
-    end=total_steps)``, per iteration (§6.3: start 1e-6, 1500 warmup iterations, power 1.0 to 0 at 160k)."""
+    end=total_steps)``, per iteration (its segmentation configs: start 1e-6, 1500 warmup iterations, power 1.0 to 0
+    at 160k)."""
 
     total_steps: int
     warmup_steps: int

@@ -5,7 +5,8 @@ Randomness: every random draw comes from torch's global RNG (``torch.rand``/``to
 resumes them exactly. The texture validation set is the one exception: it draws from a local generator seeded by
 ``(seed, index)`` so that every evaluation sees the same samples.
 
-**ADE20k** (:class:`ADE20kTrain`), the pipeline of mmseg 1.x's ``_base_/datasets/ade20k.py`` (reference §6.3):
+**ADE20k** (:class:`ADE20kTrain`), the pipeline of mmseg 1.x's ``_base_/datasets/ade20k.py`` (PaCaViT@4307018
+segmentation configs):
 
 1. RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True): a ratio r ~ U(0.5, 2.0) gives the
    target scale (int(2048 r), int(512 r)), then mmcv's keep-ratio rescale into it; image bilinear (rounded back to

@@ -1,4 +1,4 @@
-"""Semantic-segmentation training and evaluation with the paper's ADE20k recipe (reference §6.3).
+"""Semantic-segmentation training and evaluation with the paper's ADE20k recipe (PaCaViT@4307018 segmentation configs).
 
 Launch (one node, 8 GPUs × 2 images; the defaults are the paper's settings)::
 
@@ -73,7 +73,7 @@ PAPER_CUSTOM_KEYS: dict[str, dict[str, dict[str, float]]] = {
 class SegmentationConfig(RunConfig):
     """Train (or evaluate) a PaCa-head or UperNet segmentor with the paper's ADE20k recipe under torchrun.
 
-    Defaults are reference §6.3. ``custom_keys=None`` takes the head's released ``custom_keys``
+    Defaults are PaCaViT@4307018 segmentation configs. ``custom_keys=None`` takes the head's released ``custom_keys``
     (:data:`PAPER_CUSTOM_KEYS`); ``head_channels=None`` the head's width (256 PaCa, 512 UperNet);
     ``downstream_clusters=None`` and ``drop_path=None`` the released values for the backbone
     (:func:`paper_backbone_settings`).
@@ -199,7 +199,8 @@ def build_datasets(config: SegmentationConfig) -> tuple[Dataset | None, Dataset,
 
 
 def paper_backbone_settings(backbone: str, head: str) -> tuple[tuple[int, ...], float]:
-    """The released ADE20k configs' ``downstream_cluster_num`` and drop path for a PaCa-ViT backbone (§6.3): 200
+    """The released ADE20k configs' ``downstream_cluster_num`` and drop path for a PaCa-ViT backbone (PaCaViT@4307018
+    segmentation configs): 200
     clusters in every stage where the ImageNet model has clusters (so [200]*4 for the teachers and the 49_100,
     100_49, 100 and blockwise ablations, [200, 200, 200, 0] otherwise); drop path 0.1, or 0.5 for the PaCa head on
     the Base models."""

@@ -1,4 +1,5 @@
-"""Classification augmentations on Pillow images and torch tensors: the DeiT/timm recipe of reference §6.1.
+"""Classification augmentations on Pillow images and torch tensors: the DeiT/timm recipe of PaCaViT@4307018
+imagenet_vit_adamw.yml.
 
 Training (:func:`classification_train_transform`): random-resized crop (bicubic) → horizontal flip → RandAugment
 ``rand-m9-mstd0.5-inc1`` → [0, 1] tensor → normalise → random erasing (prob 0.25, per-pixel noise). Batches are
@@ -319,7 +320,7 @@ RAND_INCREASING_OPS = (
     *("BrightnessIncreasing", "SharpnessIncreasing"),
     *_GEOMETRIC_OPS,
 )
-"""timm's ``inc1`` ops: every op's strength increases with the magnitude (the §6.1 recipe)."""
+"""timm's ``inc1`` ops: every op's strength increases with the magnitude (the recipe of imagenet_vit_adamw.yml)."""
 
 
 class RandAugment:
@@ -614,7 +615,8 @@ def classification_train_transform(
     re_count: int = 1,
     interpolation: str = "bicubic",
 ) -> Compose:
-    """The DeiT/§6.1 training pipeline: Pillow image (RGB, or 'L' with one-value ``mean``/``std``) → normalised
+    """The DeiT training pipeline of imagenet_vit_adamw.yml: Pillow image (RGB, or 'L' with one-value
+    ``mean``/``std``) → normalised
     float32 (C, size, size) tensor.
 
     Random-resized crop (``scale``, ratio 3/4–4/3, ``interpolation``) → horizontal flip (``hflip``) → RandAugment

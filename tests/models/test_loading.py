@@ -1,7 +1,7 @@
-"""The official checkpoint layout (reference §6.5) and load_official_state_dict.
+"""The official checkpoint layout (PaCaViT@4307018 paca_vit.py, its module tree) and load_official_state_dict.
 
-The expected keys and shapes are generated here from the spec's key list, independently of the model
-code, and anchored by the spec's verified tensor counts (Tiny 239, Small-teacher 555).
+The expected keys and shapes are generated here from the official module tree's key list, independently of the model
+code, and anchored by the official models' tensor counts (Tiny 239, Small-teacher 555).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ Layout = dict[str, tuple[int, ...]]
 TINY = dict(dims=(96, 192, 320, 384), depths=(2, 2, 4, 2))
 SMALL = dict(dims=(96, 192, 320, 384), depths=(3, 3, 10, 3))
 BASE = dict(dims=(96, 192, 384, 512), depths=(3, 3, 18, 3))
-# reference §2.5, one row per registered name
+# PaCaViT@4307018 paca_vit.py `_arch_settings`, one row per registered name
 SPEC: dict[str, dict] = {
     "pacavit_tiny_p2cconv_100_0": dict(TINY, clusters=(100, 100, 100, 0)),
     "pacavit_small_p2cconv_100_0": dict(SMALL, clusters=(100, 100, 100, 0)),
@@ -43,7 +43,7 @@ def official_layout(
     teacher: tuple[int, ...] | None = None,
     num_classes: int = 1000,
 ) -> Layout:
-    """The official state-dict keys → shapes, written from reference §6.5 and §1.6 / §3."""
+    """The official state-dict keys → shapes, written from PaCaViT@4307018 paca_vit.py (its module tree)."""
     shapes: Layout = {}
 
     def linear(p: str, cin: int, cout: int) -> None:

@@ -1,5 +1,5 @@
 """PaCa-ViT backbones: exact params and MACs against the reference, the forward pass against a
-functional re-statement of the spec, the public API (overrides, features, assignments, sizes)."""
+functional re-statement of the official code, the public API (overrides, features, assignments, sizes)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from models.paca_vit import PaCaViT
 from models.viz_cli import main as viz_main
 from tocalib.flops import count_macs
 
-# reference §4 R1/R2: computed params and fvcore GMACs of the official code at 1×3×224×224
+# params and fvcore GMACs computed by running PaCaViT@4307018's models/paca_vit.py at 1×3×224×224
 REFERENCE = {
     "pacavit_tiny_p2cconv_100_0": (12_200_680, 3.237),
     "pacavit_small_p2cconv_100_0": (22_037_704, 5.529),
@@ -36,7 +36,7 @@ REFERENCE = {
     "pacavit_convmixer_tiny_100": (12_483_672, 3.375),
 }
 # The reference gives only M-rounded params for the ablations; exact counts are pinned by the
-# spec's own rounding below, the headline models to the parameter.
+# official code's own rounding below, the headline models to the parameter.
 ROUNDED_ONLY = {
     "pacavit_small_p2cconv_2_0": 21.978,
     "pacavit_small_p2cconv_49_0": 22.007,
@@ -45,7 +45,7 @@ ROUNDED_ONLY = {
     "pacavit_small_p2cconv_100": 22.245,
     "pacavit_small_p2cconv_100_blockwise": 24.192,
 }
-TEACHERS = {  # teacher ConvMixer depths and backbone widths, reference §2.5
+TEACHERS = {  # teacher ConvMixer depths and backbone widths, PaCaViT@4307018 paca_vit.py `_arch_settings`
     "pacavit_convmixer_tiny_100": ((2, 2, 2, 2), (96, 192, 320, 384)),
     "pacavit_convmixer_small_100": ((2, 2, 2, 2), (96, 192, 320, 384)),
     "pacavit_convmixer_base_100": ((2, 2, 4, 2), (96, 192, 384, 512)),
@@ -114,11 +114,11 @@ def test_fvcore_macs_equal_the_reference_for_the_larger_models(name):
     check_macs(name)
 
 
-# --- a functional re-statement of the spec (reference §1–§3), eval mode, on a state dict ----------
+# --- a functional re-statement of PaCaViT@4307018 paca_vit.py, eval mode, on a state dict ---
 
 
 def reference_forward(sd: dict[str, torch.Tensor], cfg: dict, x: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """Logits and the first block's assignment per stage, from the spec's description alone."""
+    """Logits and the first block's assignment per stage, from the official code's description alone."""
 
     def ln(t, p):
         return F.layer_norm(t, t.shape[-1:], sd[f"{p}.weight"], sd[f"{p}.bias"], 1e-6)

@@ -1,4 +1,4 @@
-"""Imports run reproductions → models → tocalib (DESIGN §2): neither models nor tocalib imports reproductions."""
+"""Imports run reproductions → models → tocalib: neither models nor tocalib imports reproductions."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def test_table1_paca_tiny_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "[1/1] table1 imagenet: PaCa-Tiny (conv)" in out and "params 12.201 M, FLOPs 3.237 G" in out
     assert "reported only" in out
     record = json.loads((tmp_path / "table1.json").read_text(encoding="utf-8"))["rows"][0]
-    assert record["params_reproduced"] == 12_200_680  # the official code's count (reference §4 R1)
+    assert record["params_reproduced"] == 12_200_680  # the official code's count (PaCaViT@4307018, models/paca_vit.py)
     assert record["flops_reproduced"] / 1e9 == pytest.approx(3.237, abs=5e-4)
     assert (record["params_status"], record["flops_status"]) == ("ok", "ok")
     assert record["top1_reported"] == 80.9 and record["top1_reproduced"] is None

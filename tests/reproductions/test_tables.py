@@ -95,7 +95,8 @@ def test_malformed_tables_fail_with_the_file_and_entry(tmp_path: Path) -> None:
 
 
 def test_errata_rows_are_data() -> None:
-    """The known README errata (reference §4 ✗ rows, §8.8) are in the tables, each with an explanation."""
+    """The known README errata (where PaCaViT@4307018's README disagrees with its released configs) are in the
+    tables, each with an explanation."""
     errata = {
         (name, section.id, row.model, field)
         for name, section, row in ALL_ROWS

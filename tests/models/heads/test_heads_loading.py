@@ -11,7 +11,7 @@ from models.heads import MaskRCNN, load_mmengine_checkpoint, paca_segmentor, upe
 DIMS = [96, 192, 320, 384]
 TINY = "pacavit_tiny_p2cconv_100_0"
 
-# Non-backbone key names from the dossier §6.5 (mmdet 3.x / mmseg 1.x module trees).
+# Non-backbone key names of the mmdet 3.x / mmseg 1.x module trees of the released configs.
 MASK_RCNN_KEYS = [
     "neck.lateral_convs.0.conv.weight",
     "neck.lateral_convs.3.conv.bias",

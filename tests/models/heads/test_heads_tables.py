@@ -1,7 +1,8 @@
 """Params and FLOPs of every MS-COCO (R3, R4) and ADE20k (R5, R6) row against the official README.
 
 README values are the inputs below; every count is made by building the real model and counting it. Rows where
-the README disagrees with the released configs beyond its rounding (dossier §8.8) are listed with the reason,
+the README disagrees with the released configs beyond its rounding (checked against PaCaViT@4307018's released
+configs) are listed with the reason,
 and for those the test pins the README's error instead of hiding it.
 """
 
@@ -48,7 +49,7 @@ ADE = [
     ("paca", "pacavit_small_p2cconv_100", 23.4, 47.3),
     ("paca", "pacavit_small_p2cconv_100_blockwise", 25.8, 50.9),
 ]
-# README params that no released config reproduces (dossier §4, §8.8), with what the configs give.
+# README params that no released config reproduces (PaCaViT@4307018's released configs), with what the configs give.
 README_PARAM_ERRORS = {
     ("coco", "pacavit_convmixer_base_100"): "61.4 M printed; the config gives 67.355 M",
     ("coco", "pacavit_small_p2cconv_2_0"): "41.6 M printed; the config gives 41.752 M",
@@ -58,9 +59,10 @@ README_PARAM_ERRORS = {
     ("paca", "pacavit_small_p2cconv_49_100"): "23.2 M printed; the ADE config overrides M to 200 -> 23.410 M",
     ("paca", "pacavit_small_p2cconv_100_49"): "23.7 M printed; the ADE config overrides M to 200 -> 23.410 M",
 }
-# §9: Mask R-CNN params = backbone + FPN + RPN + RoI heads, by backbone dims.
+# As counted for the official code: Mask R-CNN params = backbone + FPN + RPN + RoI heads, by backbone dims.
 DETECTION_EXTRA_PARAMS = {(96, 192, 320, 384): 20_159_216, (96, 192, 384, 512): 20_208_368}
-# ADE20k configs override the clusters per stage (§6.3): 200 in every clustered stage, stage 4 too for these.
+# ADE20k configs override the clusters per stage (PaCaViT@4307018 segmentation configs): 200 in every clustered
+# stage, stage 4 too for these.
 ALL_STAGES_CLUSTERED = {
     "pacavit_convmixer_small_100",
     "pacavit_convmixer_base_100",
