@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import causal as bench_causal
-
-PATH = Path(__file__).resolve().parents[1] / "examples" / "lm_demo.py"
-_spec = importlib.util.spec_from_file_location("lm_demo", PATH)
-demo = importlib.util.module_from_spec(_spec)
-sys.modules["lm_demo"] = demo  # dataclasses resolve their module by name
-_spec.loader.exec_module(demo)
+from examples import lm_demo as demo
 
 TINY = demo.Config(
     context=32, dim=16, heads=2, depth=2, clusters=4, steps=3, batch_size=2, warmup=1, eval_sequences=2, log_every=2,
