@@ -347,8 +347,9 @@ def cluster_picture(model: CharLM, corpus: Corpus, path: Path) -> Path | None:
     with torch.inference_mode():
         x = model.embed(ids)
         x = x + block.mix(block.norms[0](x))[0]
-        _, assignment = block.attn(block.norms[1](x), return_assignment=True)
-    maps = assignment[0] / assignment[0].amax(-1, keepdim=True)  # each cluster scaled to its own peak
+        _, record = block.attn(block.norms[1](x), return_intermediates=True)
+    assignment = record.assignment.dense()[0]  # the causal logits' softmax over the passage: the last character's
+    maps = assignment / assignment.amax(-1, keepdim=True)  # each cluster scaled to its own peak
     fig, ax = plt.subplots(figsize=(16, 0.25 * maps.shape[0] + 1.2))
     ax.imshow(maps.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(passage)), list(passage.replace(" ", "␣").replace("\n", "⏎")), fontsize=7,

@@ -7,10 +7,12 @@ default) and forecasts the next ``horizon`` weeks (52 = one year): the last H to
 value H weeks after themselves, so every token's representation must carry the trend and the
 seasonal cycle gathered by attention.
 
-Two models with the same code, seed, batches and budget differ only in ``num_clusters`` of their
-:class:`tocalib.ToCaAttention` layers: 0 (full multi-head self-attention, O(N²·C)) or M (token-to-
-cluster attention with PaCa's MLP clustering, O(N·M·C)). Both are compared with the seasonal naive
-forecast (same week one year earlier) and the seasonal naive forecast plus the last year's drift.
+Four models with the same code, seed, batches and budget differ only in the attention of their
+:class:`tocalib.ToCaStack` encoder: full multi-head self-attention (``num_clusters=0``, O(N²·C)), or
+token-to-cluster attention with M clusters (O(N·M·C)) whose assignment is computed in every block by PaCa's
+MLP clustering (block-wise), once in the first block and reused (stage-wise), or by a small
+CNN teacher (:class:`tocalib.Conv1dTeacher`) that feeds every block. All are compared with the seasonal
+naive forecast (same week one year earlier) and the seasonal naive forecast plus the last year's drift.
 
 Run ``python examples/sequence_demo.py`` (or ``nox -s demo_sequence``); it writes ``results.md``,
 ``results.json`` and ``assignments.png`` to ``outputs/sequence_demo/``. Needs ``statsmodels`` (data),
@@ -37,10 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib import ToCaAttention
+from tocalib import Conv1dTeacher, ToCaStack
 from tocalib.flops import count_macs
 
 PERIOD = 52  # weeks per year: the seasonal period of a weekly series
+VARIANTS = (  # key, ToCa or full attention, where the assignment comes from (a ToCaStack policy), label
+    ("full", False, "block", "full attention (M = 0)"),
+    ("toca", True, "block", "ToCa, MLP clustering in every block"),
+    ("toca_stage", True, "stage", "ToCa, MLP clustering in block 1, shared"),
+    ("toca_teacher", True, "teacher", "ToCa, Conv1dTeacher feeds every block"),
+)
 CO2_CSV = ("datasets", "co2", "co2.csv")
 # a few anchors of the viridis colour map, low → high
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
@@ -48,7 +56,7 @@ VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [
 
 @dataclass(frozen=True)
 class Config:
-    """Everything that defines a run; both models share all of it except ``clusters``."""
+    """Everything that defines a run; the models share all of it but their attention (see :data:`VARIANTS`)."""
 
     context: int = 1024  # N: weeks the encoder reads (tokens per sequence)
     horizon: int = 52  # H: weeks forecast; must be <= context
@@ -56,7 +64,8 @@ class Config:
     heads: int = 2
     depth: int = 2  # encoder blocks
     mlp_ratio: int = 2
-    clusters: int = 32  # M of the ToCa model (the full-attention model has 0)
+    clusters: int = 32  # M of the ToCa models (the full-attention model has 0)
+    teacher_depth: int = 2  # ConvMixer layers of the teacher-fed model's Conv1dTeacher
     steps: int = 200
     batch_size: int = 8
     lr: float = 2e-3
@@ -174,26 +183,6 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
     return codes
 
 
-class Block(nn.Module):
-    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)); attention is ToCa (M > 0) or full (M = 0)."""
-
-    def __init__(self, dim: int, heads: int, clusters: int, mlp_ratio: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = ToCaAttention(dim, num_heads=heads, num_clusters=clusters, clustering="mlp")
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-
-    def forward(self, x: Tensor, return_assignment: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, N, C) → (x (B, N, C), assignment (B, M, N) or None without clusters or when not asked)."""
-        assignment = None
-        if return_assignment:
-            y, assignment = self.attn(self.norm1(x), return_assignment=True)
-        else:
-            y = self.attn(self.norm1(x))
-        x = x + y
-        return x + self.mlp(self.norm2(x)), assignment
-
-
 class Forecaster(nn.Module):
     """Context (B, N) in data units → forecast (B, H) in data units.
 
@@ -202,15 +191,19 @@ class Forecaster(nn.Module):
     predict the value H weeks after themselves through one shared Linear(C, 1).
     """
 
-    def __init__(self, config: Config, clusters: int, context: int | None = None) -> None:
+    def __init__(self, config: Config, clusters: int, context: int | None = None, share: str = "block") -> None:
         super().__init__()
         self.context = config.context if context is None else context
         self.horizon = config.horizon
         self.embed = nn.Linear(1, config.dim)
         self.register_buffer("positions", sinusoidal_positions(self.context, config.dim), persistent=False)
-        self.blocks = nn.ModuleList(
-            Block(config.dim, config.heads, clusters, config.mlp_ratio) for _ in range(config.depth)
-        )
+        teacher = None
+        if share == "teacher":
+            teacher = Conv1dTeacher(config.dim, clusters, depths=config.teacher_depth)
+        self.encoder = ToCaStack(
+            config.dim, config.depth, config.heads, clusters, "mlp", share=None if teacher else share, teacher=teacher,
+            mlp_ratio=config.mlp_ratio, norm_layer=nn.LayerNorm,
+        )  # fmt: skip
         self.norm = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, 1)
 
@@ -224,12 +217,11 @@ class Forecaster(nn.Module):
             raise ValueError(f"this model reads contexts of {self.context} steps, got x of shape {tuple(x.shape)}")
         level, scale = self.scale(x)
         tokens = self.embed(((x - level) / scale).unsqueeze(-1)) + self.positions
-        assignments = []
-        for block in self.blocks:
-            tokens, assignment = block(tokens, return_assignment=return_assignments)
-            assignments.append(assignment)
+        tokens, records = self.encoder(tokens, return_intermediates=True)
         forecast = self.head(self.norm(tokens[:, -self.horizon :])).squeeze(-1) * scale + level
-        return (forecast, assignments) if return_assignments else forecast
+        if not return_assignments:
+            return forecast
+        return forecast, [None if r.assignment is None else r.assignment.dense() for r in records]
 
 
 # ------------------------------------------------------------------------------ training, evaluation
@@ -467,7 +459,7 @@ def markdown(report: dict) -> str:
         f"{environment['load_start']:.1f} at the start and {environment['load_end']:.1f} at the end (timings from "
         "a shared machine: compare them only as ratios within one run).",
         "",
-        "| forecaster | test MAE (ppm) | test RMSE (ppm) | params | MMACs / sequence | attention MMACs "
+        "| forecaster | test MAE (ppm) | test RMSE (ppm) | params | MMACs / sequence | encoder MMACs (analytic) "
         "| train time (s) | ms / step | inference (seq/s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -476,7 +468,7 @@ def markdown(report: dict) -> str:
     for row in report["models"].values():
         lines.append(
             f"| {row['label']} | {row['mae']:.3f} | {row['rmse']:.3f} | {row['params']:,} | {row['macs'] / 1e6:.1f} "
-            f"| {row['attention_macs'] / 1e6:.1f} | {row['train_seconds']:.0f} | {row['ms_per_step']:.0f} "
+            f"| {row['encoder_macs'] / 1e6:.1f} | {row['train_seconds']:.0f} | {row['ms_per_step']:.0f} "
             f"| {row['sequences_per_second']:.0f} |"
         )
     if report["scaling"]:
@@ -494,7 +486,7 @@ def markdown(report: dict) -> str:
             )
     lines += [
         "",
-        "ToCa clusters on the test windows (mean over clusters and windows; chance = uniform weights):",
+        "Block-wise ToCa clusters on the test windows (mean over clusters and windows; chance = uniform weights):",
         "",
         "| block | season focus | chance | time spread (uniform 0.29) | effective tokens per cluster "
         f"(uniform {config['context']}) | largest weight × N (uniform 1) |",
@@ -510,7 +502,7 @@ def markdown(report: dict) -> str:
 
 
 def run(config: Config, out_dir: Path, series: Series | None = None) -> dict:
-    """Train and evaluate both models on ``series`` (default: the CO2 record), write results.md,
+    """Train and evaluate the four models on ``series`` (default: the CO2 record), write results.md,
     results.json and assignments.png to ``out_dir``, and return the report."""
     series = load_co2() if series is None else series
     load_start = os.getloadavg()[0]
@@ -525,14 +517,13 @@ def run(config: Config, out_dir: Path, series: Series | None = None) -> dict:
         for name, forecast in seasonal_baselines(split.test_x, config.horizon).items()
     }
     models, rows, forecasts = {}, {}, {}
-    for key, clusters, label in (
-        ("full", 0, "full attention (M = 0)"),
-        ("toca", config.clusters, f"ToCa, MLP clustering (M = {config.clusters})"),
-    ):
+    for key, toca, share, label in VARIANTS:
+        clusters = config.clusters if toca else 0
+        label = f"{label} (M = {clusters})" if toca else label
         torch.manual_seed(config.seed)
-        model = Forecaster(config, clusters)
+        model = Forecaster(config, clusters, share=share)
         print(f"training {label}", flush=True)
-        row = {"label": label, "clusters": clusters, **train(model, split, config, key)}
+        row = {"label": label, "clusters": clusters, "share": share, **train(model, split, config, key)}
         forecast = predict(model, split.test_x, config.eval_batch)
         timed = split.test_x[: config.eval_batch]
         seconds = seconds_per_call(partial(predict, model, timed, config.eval_batch))
@@ -541,7 +532,7 @@ def run(config: Config, out_dir: Path, series: Series | None = None) -> dict:
             "sequences_per_second": len(timed) / seconds,
             "params": sum(p.numel() for p in model.parameters()),
             "macs": macs_per_sequence(model),
-            "attention_macs": sum(block.attn.macs(config.context) for block in model.blocks),
+            "encoder_macs": model.encoder.macs(config.context),
         }
         print(f"  test MAE {row['mae']:.3f} ppm, RMSE {row['rmse']:.3f} ppm", flush=True)
         models[key], rows[key], forecasts[label] = model, row, forecast

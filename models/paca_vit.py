@@ -44,32 +44,13 @@ from models._layers import init_weights
 from models._registry import register_model
 from models.loading import load_official_state_dict
 from models.teacher import ConvMixerFPNTeacher
-from tocalib import ToCaAttention
+from tocalib import ToCaBlock, ToCaStack
 from tocalib._checks import check_int
+from tocalib.blocks import DWConvMlp
 
-__all__ = ["Downsample", "DropPath", "LayerNorm2d", "Mlp", "PaCaBlock", "PaCaViT", "model_config"]
+__all__ = ["Downsample", "LayerNorm2d", "PaCaBlock", "PaCaViT", "model_config"]
 
 NUM_STAGES = 4
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: zero a sample's residual branch with probability ``p`` while training."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -105,49 +86,20 @@ class Downsample(nn.Module):
         return self.norm(self.proj(x))
 
 
-class _DWConv(nn.Module):
-    """Depthwise 3×3 conv on tokens with a shortcut: (B, N, C) → (B, N, C), key ``dwconv``."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *size)
-        return self.dwconv(grid).flatten(2).transpose(1, 2) + x
-
-
-class Mlp(nn.Module):
-    """PaCa's FFN: fc1 (C → hidden) → x + DWConv3×3(x) → GELU → fc2 (hidden → C); (B, N, C) → (B, N, C)."""
-
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.dwconv = _DWConv(hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        x = self.drop(self.act(self.dwconv(self.fc1(x), size)))
-        return self.drop(self.fc2(x))
-
-
-class PaCaBlock(nn.Module):
-    """Pre-norm block: x + DropPath(attn(LN(x))), then x + DropPath(mlp(LN(x))).
+class PaCaBlock(ToCaBlock):
+    """PaCa's pre-norm block (PaCaViT@4307018 paca_vit.py ``PaCaBlock``): a :class:`tocalib.ToCaBlock` with
+    PaCa's DWConv FFN (:class:`tocalib.blocks.DWConvMlp`) and the official key names ``norm1_before``,
+    ``attn``, ``norm2_before``, ``mlp``. The ``"mlp"`` clustering (P2CMlp) takes the FFN's hidden width.
 
     Args:
-        dim: token width C.
-        num_heads: attention heads.
-        num_clusters: M (0 = plain self-attention).
-        clustering: a :mod:`tocalib.clustering` name (PaCa: ``"conv2d"``, or ``"mlp"`` with hidden width
-            ``mlp_ratio``·C) for a block that computes its assignment, None for one that reuses the
-            previous block's or the teacher's.
+        dim, num_heads, num_clusters: as :class:`tocalib.ToCaBlock`.
+        clustering: ``"conv2d"`` (P2CConv2d), ``"mlp"`` (P2CMlp) or another registered name for a block that
+            computes its assignment; None for one that reuses the previous block's or the teacher's.
         mlp_ratio: FFN hidden width / C.
-        drop_path: stochastic-depth rate of both branches.
-        drop: dropout after the attention projection and in the FFN.
-        attn_drop: dropout on the attention weights.
+        **kwargs: further :class:`tocalib.ToCaBlock` arguments (``drop_path``, ``drop``, ``attn_drop``, ...).
     """
+
+    norm_names = ("norm1_before", "norm2_before")
 
     def __init__(
         self,
@@ -155,47 +107,21 @@ class PaCaBlock(nn.Module):
         num_heads: int,
         num_clusters: int,
         clustering: str | None,
+        *,
         mlp_ratio: float = 4.0,
-        drop_path: float = 0.0,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.norm1_before = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.attn = ToCaAttention(
-            dim,
-            num_heads,
-            num_clusters,
-            clustering=clustering,
-            attn_drop=attn_drop,
-            proj_drop=drop,
-            clustering_kwargs={"hidden_dim": hidden} if clustering == "mlp" else None,  # P2CMlp: the MLP's width
-        )
-        # the assignments this block reuses are an earlier block's or the teacher's softmax: normalised by
-        # construction, so the check of a user-given assignment (a reduction and a host sync) is skipped
-        self.attn.check_assignment = False
-        self.norm2_before = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, hidden, drop)
-        self.drop_path = DropPath(drop_path)
+        attention = {"clustering_kwargs": {"hidden_dim": hidden}} if clustering == "mlp" else None
+        super().__init__(
+            dim, num_heads, num_clusters, clustering, mlp_ratio=mlp_ratio, mlp_layer=DWConvMlp,
+            attention_kwargs=attention, **kwargs,
+        )  # fmt: skip
 
-    @property
-    def computes_assignment(self) -> bool:
-        """Whether this block runs its own clustering function."""
-        return self.attn.clustering is not None
 
-    def forward(
-        self, x: Tensor, size: tuple[int, int], assignment: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """(B, N, C) tokens on an H×W grid → (tokens (B, N, C), the (B, M, N) assignment used or None).
-
-        ``assignment`` is ignored by a block that computes its own.
-        """
-        reuse = None if self.computes_assignment else assignment
-        attn_out, assignment = self.attn(self.norm1_before(x), size=size, assignment=reuse, return_assignment=True)
-        x = x + self.drop_path(attn_out)
-        x = x + self.drop_path(self.mlp(self.norm2_before(x), size))
-        return x, assignment
+def _sharing(every: int) -> str | int:
+    """A stage's ``recompute_every`` as a :class:`tocalib.ToCaStack` policy: 0 stage-wise, k every k blocks."""
+    return "stage" if every == 0 else every
 
 
 def _per_stage(value: int | Sequence[int], name: str) -> tuple[int, ...]:
@@ -276,32 +202,18 @@ class PaCaViT(nn.Module):
         )
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         for i in range(NUM_STAGES):
-            blocks = nn.ModuleList()
-            for j in range(depths[i]):
-                blocks.append(
-                    PaCaBlock(
-                        embed_dims[i],
-                        num_heads[i],
-                        num_clusters[i],
-                        clustering if self._recomputes(j, recompute_every[i]) else None,
-                        mlp_ratio=mlp_ratio,
-                        drop_path=rates[sum(depths[:i]) + j],
-                        drop=drop,
-                        attn_drop=attn_drop,
-                    )
-                )
-            self.add_module(f"stage{i + 1}", blocks)
+            stage = ToCaStack(
+                embed_dims[i], depths[i], num_heads[i], num_clusters[i], clustering,
+                share="given" if self.paca_teacher is not None else _sharing(recompute_every[i]),
+                drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])], block_layer=PaCaBlock,
+                mlp_ratio=mlp_ratio, drop=drop, attn_drop=attn_drop,
+            )  # fmt: skip
+            self.add_module(f"stage{i + 1}", stage)
             self.add_module(f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
             if i < NUM_STAGES - 1:
                 self.add_module(f"transition{i + 1}", Downsample(embed_dims[i], embed_dims[i + 1], stride=2))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes else None
         self.init_weights()
-
-    def _recomputes(self, block: int, every: int) -> bool:
-        """Whether ``block`` of a stage owns a clustering function (never with a teacher)."""
-        if self.paca_teacher is not None:
-            return False
-        return block == 0 or every == 1 or (every >= 2 and block % every == 0)
 
     def init_weights(self) -> None:
         """PaCaViT@4307018 ``init_weights``: Linear trunc_normal(0.02), conv normal(0, sqrt(2/fan_out)), norms 1/0,
@@ -329,26 +241,28 @@ class PaCaViT(nn.Module):
                 "add a batch dimension with x[None], or build the model with a matching in_chans"
             )
         x = self.patch_embed(x)
-        teacher_assignments, teacher_features = self.paca_teacher(x) if self.paca_teacher is not None else (None, None)
+        size = tuple(x.shape[-2:])
+        provided = None
+        if self.paca_teacher is not None:
+            provided = self.paca_teacher(x.flatten(2).transpose(1, 2), size=size)
         features: list[Tensor] = []
         assignments: list[Tensor | None] = []
         for i in range(NUM_STAGES):
             if i:
                 x = getattr(self, f"transition{i}")(x)
             b, c, h, w = x.shape
-            tokens = x.flatten(2).transpose(1, 2)
-            assignment = teacher_assignments[i] if teacher_assignments is not None else None
-            first = None
-            for j, block in enumerate(getattr(self, f"stage{i + 1}")):
-                tokens, assignment = block(tokens, (h, w), assignment)
-                if j == 0:
-                    first = assignment
-            if teacher_features is not None:
-                tokens = tokens + teacher_features[i]
+            given = None if provided is None else provided.assignments[i]
+            tokens, records = getattr(self, f"stage{i + 1}")(
+                x.flatten(2).transpose(1, 2), size=(h, w), assignment=given, return_intermediates=True
+            )
+            if provided is not None:
+                tokens = tokens + provided.features[i]
             tokens = getattr(self, f"norm{i + 1}")(tokens)
             x = tokens.transpose(1, 2).reshape(b, c, h, w)
             features.append(x)
-            assignments.append(None if first is None else first.unflatten(-1, (h, w)))
+            if return_assignments:
+                first = records[0].assignment
+                assignments.append(None if first is None else first.dense().unflatten(-1, (h, w)))
         return (features, assignments) if return_assignments else features
 
     def forward_head(self, x: Tensor) -> Tensor:
@@ -363,7 +277,8 @@ class PaCaViT(nn.Module):
         """(B, in_chans, H, W) → (B, num_classes) logits, or in ``features_only`` mode the list of
         the ``out_indices`` feature maps. ``return_assignments`` adds the per-stage (B, M_i, H_i, W_i)
         assignments as a second output (see :meth:`forward_features`)."""
-        features, assignments = self.forward_features(x, return_assignments=True)
+        found = self.forward_features(x, return_assignments=return_assignments)
+        features, assignments = found if return_assignments else (found, None)
         out = [features[i] for i in self.out_indices] if self.head is None else self.forward_head(features[-1])
         return (out, assignments) if return_assignments else out
 

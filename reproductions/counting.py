@@ -44,9 +44,9 @@ from models import create_model
 from models.heads import MaskRCNN, paca_segmentor, upernet_segmentor
 from models.heads.flops import NOT_MACS as DETECTION_NOT_MACS
 from models.heads.flops import mask_rcnn_macs
-from models.teacher import ConvMixerLayer
 from reproductions.tables import Row, Section
 from tocalib.flops import mac_analysis
+from tocalib.providers import ConvMixerLayer
 
 __all__ = [
     "Count",

@@ -33,10 +33,12 @@ TINY = demo.Config(
 def test_the_demo_trains_both_models_and_writes_its_report(tmp_path):
     report = demo.run(TINY, tmp_path, series=demo.synthetic_series(400))
     assert {p.name for p in tmp_path.iterdir()} == {"results.md", "results.json", "assignments.png"}
-    assert json.loads((tmp_path / "results.json").read_text())["models"].keys() == {"full", "toca"}
-    full, toca = report["models"]["full"], report["models"]["toca"]
-    assert np.isfinite([full["mae"], toca["mae"], full["rmse"], toca["rmse"]]).all()
-    assert toca["attention_macs"] < full["attention_macs"] and toca["macs"] < full["macs"]
+    models = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert models.keys() == {"full", "toca", "toca_stage", "toca_teacher"}
+    assert np.isfinite([[row["mae"], row["rmse"]] for row in models.values()]).all()
+    full, block, stage = (models[key] for key in ("full", "toca", "toca_stage"))
+    assert block["encoder_macs"] < full["encoder_macs"] and block["macs"] < full["macs"]
+    assert stage["encoder_macs"] < block["encoder_macs"]  # one clustering instead of one per block
     assert [row["context"] for row in report["scaling"]] == [128]
     assert len(report["clusters"]) == TINY.depth
     for layer in report["clusters"]:
@@ -46,13 +48,15 @@ def test_the_demo_trains_both_models_and_writes_its_report(tmp_path):
         assert picture.width > TINY.context + TINY.horizon
 
 
-def test_the_toca_model_returns_one_assignment_per_block_that_sums_to_one():
-    model = demo.Forecaster(TINY, clusters=TINY.clusters).eval()
+@pytest.mark.parametrize("share", ["block", "stage", "teacher"])
+def test_the_toca_model_returns_one_assignment_per_block_that_sums_to_one(share):
+    model = demo.Forecaster(TINY, clusters=TINY.clusters, share=share).eval()
     forecast, assignments = model(torch.randn(3, TINY.context) + 300, return_assignments=True)
     assert forecast.shape == (3, TINY.horizon) and len(assignments) == TINY.depth
     for c in assignments:
         assert c.shape == (3, TINY.clusters, TINY.context)
         torch.testing.assert_close(c.sum(-1), torch.ones(3, TINY.clusters))
+    assert torch.equal(assignments[0], assignments[1]) == (share != "block")
 
 
 def test_the_split_keeps_test_targets_out_of_training():

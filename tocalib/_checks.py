@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tocalib.causal import ClusterState, KVCache
+from tocalib.pooling import Assignment
 
 if TYPE_CHECKING:
     from tocalib.attention import ToCaAttention
@@ -54,7 +55,11 @@ def _check_tokens(name: str, t: Tensor, dim: int, hint: str = _LAYOUT_HINT) -> N
 
 
 def check_forward(
-    layer: ToCaAttention, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None, assignment: Tensor | None
+    layer: ToCaAttention,
+    x: Tensor,
+    context: Tensor | None,
+    key_padding_mask: Tensor | None,
+    assignment: Tensor | Assignment | None,
 ) -> Tensor | None:
     """Validate a forward call; return ``keep`` (B, L) bool (True = real clustered token) or None."""
     _check_tokens("x", x, layer.dim)
@@ -67,24 +72,50 @@ def check_forward(
             raise ValueError("causal=True is self-attention only: a context has no order relative to x")
         source = context
     b, length, _ = source.shape
+    expected = (b, layer.num_clusters, length)
     if assignment is not None:
         if layer.num_clusters == 0:
             raise ValueError("assignment= was given but this layer has num_clusters=0 (plain self-attention)")
-        if layer.causal:
-            raise ValueError("a causal layer computes per-prefix assignments itself: it cannot take assignment=")
-        if tuple(assignment.shape) != (b, layer.num_clusters, length) or not assignment.is_floating_point():
+        if isinstance(assignment, Assignment):
+            _check_given(layer, assignment, expected)
+        elif not isinstance(assignment, Tensor):
+            raise TypeError(
+                f"assignment must be a tocalib.Assignment or a (B, M, L) tensor, got {type(assignment).__name__}"
+            )
+        elif layer.causal:
             raise ValueError(
-                f"assignment must be a floating tensor of shape (B, M, L) = {(b, layer.num_clusters, length)}, "
+                "a causal layer renormalises its assignment per prefix, so it takes logits, not a normalised matrix "
+                "(one normalised over the whole sequence would leak the future): pass "
+                "assignment=Assignment.from_logits(logits, causal=True), or a causal provider's output"
+            )
+        elif tuple(assignment.shape) != expected or not assignment.is_floating_point():
+            raise ValueError(
+                f"assignment must be a floating tensor of shape (B, M, L) = {expected}, "
                 f"got {assignment.dtype} {tuple(assignment.shape)}"
             )
     keep = _keep(key_padding_mask, b, length)
     if (
-        assignment is not None
+        isinstance(assignment, Tensor)
         and layer.check_assignment
         and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
     ):
         _check_assignment(assignment, keep)
     return keep
+
+
+def _check_given(layer: ToCaAttention, assignment: Assignment, expected: tuple[int, int, int]) -> None:
+    """A given :class:`~tocalib.Assignment` must fit the layer: its (B, M, L) and causal or not."""
+    if tuple(assignment.shape) != expected:
+        raise ValueError(
+            f"the given Assignment is (B, M, L) = {tuple(assignment.shape)} but this layer and input need "
+            f"{expected}; share assignments only between layers with the same num_clusters, on the same tokens"
+        )
+    if layer.causal != (assignment.form == "causal"):
+        raise ValueError(
+            f"a {'causal' if layer.causal else 'non-causal'} layer got a {assignment.form} Assignment: a causal "
+            "layer needs the causal form (logits, renormalised per prefix; Assignment.from_logits(logits, "
+            "causal=True), or a causal provider), a non-causal one a soft or hard form"
+        )
 
 
 def _check_assignment(assignment: Tensor, keep: Tensor | None) -> None:
@@ -138,6 +169,11 @@ def check_step(
             f"got {type(state).__name__}"
         )
     if layer.num_clusters:
+        if layer.clustering is None:
+            raise ValueError(
+                "step() runs the layer's own clustering on the new positions, and this layer has none (it takes "
+                "shared logits in forward(assignment=)); decode with a layer that has a causal clustering"
+            )
         if getattr(layer.clustering, "causal_lookback", None) is None:
             raise ValueError(
                 f"step() needs to know how many past tokens the clustering {type(layer.clustering).__name__} reads: "

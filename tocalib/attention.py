@@ -38,7 +38,7 @@ from tocalib.causal import (
 )
 from tocalib.clustering import build_clustering
 from tocalib.packing import pack, unpack
-from tocalib.pooling import cluster_counts, hard_assign, hard_assignment_matrix, pool, scatter_mean_pool, soft_assign
+from tocalib.pooling import Assignment
 
 __all__ = ["ToCaAttention", "ToCaIntermediates"]
 
@@ -48,17 +48,18 @@ class ToCaIntermediates:
     """What one forward pass computed besides its output (fields are None where not computed).
 
     Attributes:
-        assignment: (B, M, L) the normalised assignment that built the clusters (L = N, or the
-            context length in cross-attention; in causal mode, the one the last position sees).
-        logits: (B, M, L) the raw clustering logits (None when the assignment was given).
+        assignment: the :class:`~tocalib.Assignment` that built the clusters, over L tokens (L = N, or the
+            context length in cross-attention): soft, hard, or in causal mode the logits. Pass it to
+            another layer's ``assignment=`` to share it; ``.dense()`` gives the (B, M, L) matrix (in
+            causal mode, the one the last position sees) and ``.logits`` the raw clustering logits
+            (None when the assignment was given as a matrix).
         clusters: (B, M, C) the cluster tokens after ``cluster_norm`` (None in causal mode, where
             every position has its own).
         attn_weights: (B, heads, N, M) token-to-cluster attention weights, only with
             ``need_weights=True`` (for M = 0 they are (B, heads, N, L)).
     """
 
-    assignment: Tensor | None = None
-    logits: Tensor | None = None
+    assignment: Assignment | None = None
     clusters: Tensor | None = None
     attn_weights: Tensor | None = None
 
@@ -140,7 +141,7 @@ class ToCaAttention(nn.Module):
             self.clustering = build_clustering(clustering, dim, num_clusters, **factory, **kwargs)
         else:
             self.clustering = None
-        if causal and num_clusters and not getattr(self.clustering, "causal_safe", False):
+        if causal and self.clustering is not None and not getattr(self.clustering, "causal_safe", False):
             raise ValueError(
                 f"causal=True needs a clustering whose logit for token s uses only tokens <= s, got {clustering!r}; "
                 "use 'linear', 'mlp', or 'conv1d' with clustering_kwargs={'causal': True}"
@@ -160,15 +161,15 @@ class ToCaAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
+        *,
         size: Sequence[int] | None = None,
         key_padding_mask: Tensor | None = None,
-        assignment: Tensor | None = None,
+        assignment: Tensor | Assignment | None = None,
         context: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
-        return_assignment: bool = False,
-        return_intermediates: bool = False,
         need_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Any]:
+        return_intermediates: bool = False,
+    ) -> Tensor | tuple[Tensor, ToCaIntermediates]:
         """Attend from every token to the clusters.
 
         Args:
@@ -176,24 +177,22 @@ class ToCaAttention(nn.Module):
             size: layout of the clustered tokens, ``(H, W)`` for 2-D clustering; ignored otherwise.
             key_padding_mask: (B, L) bool over the clustered tokens (x, or ``context``), True marks
                 padding: padded tokens get zero weight in every cluster, so nothing depends on them.
-            assignment: (B, M, L) an already normalised assignment to reuse instead of clustering: weights
-                >= 0 whose rows sum to 1 over the real tokens (checked, see ``check_assignment``).
+            assignment: an assignment to reuse instead of clustering: an :class:`~tocalib.Assignment` (from an
+                earlier layer's intermediates or a provider; the causal form, logits, for a causal layer), or a
+                normalised (B, M, L) tensor: weights >= 0 whose rows sum to 1 over the real tokens (checked, see
+                ``check_assignment``).
             context: (B, L, C) cross-attention: clusters are pooled from these tokens instead of x.
             cu_seqlens: (S + 1,) int cumulative lengths of S sequences packed into x (T, C); the output
                 is packed the same way and equals the padded computation.
-            return_assignment: also return the (B, M, L) assignment that was used.
-            return_intermediates: also return a :class:`ToCaIntermediates` record.
             need_weights: compute the (B, heads, N, M) attention weights on the explicit path (the
                 default path is ``F.scaled_dot_product_attention``); needs ``return_intermediates``.
+            return_intermediates: also return a :class:`ToCaIntermediates` record (the assignment used,
+                the cluster tokens, the attention weights).
 
         Returns:
-            y (B, N, C); ``(y, assignment)`` with ``return_assignment``; ``(y, intermediates)`` with
-            ``return_intermediates``. With ``cu_seqlens``, y is (T, C) and the assignment (S, M, max_len).
+            y (B, N, C), or ``(y, intermediates)`` with ``return_intermediates``. With ``cu_seqlens``, y is
+            (T, C) and the record's assignment covers the padded (S, max_len) batch.
         """
-        if return_assignment and return_intermediates:
-            raise ValueError(
-                "pass return_assignment or return_intermediates, not both (the record holds the assignment)"
-            )
         if need_weights and not return_intermediates:
             raise ValueError(
                 "need_weights=True returns the weights in the intermediates: also pass return_intermediates=True"
@@ -204,9 +203,9 @@ class ToCaAttention(nn.Module):
                     "cu_seqlens describes the whole batch: do not combine it with key_padding_mask, context or size"
                 )
             padded, pad = unpack(x, cu_seqlens)
-            out = self(padded, key_padding_mask=pad, assignment=assignment, return_assignment=return_assignment,
-                       return_intermediates=return_intermediates, need_weights=need_weights)  # fmt: skip
-            return (pack(out[0], pad), out[1]) if isinstance(out, tuple) else pack(out, pad)
+            out = self(padded, key_padding_mask=pad, assignment=assignment, need_weights=need_weights,
+                       return_intermediates=return_intermediates)  # fmt: skip
+            return (pack(out[0], pad), out[1]) if return_intermediates else pack(out, pad)
         keep = check_forward(self, x, context, key_padding_mask, assignment)
         source = x if context is None else context
         if keep is not None:
@@ -214,18 +213,18 @@ class ToCaAttention(nn.Module):
             x = source if context is None else x
         record = ToCaIntermediates()
         if self.causal and self.num_clusters:
-            record.logits = logits = self._logits(x, size, key_padding_mask)
-            if return_assignment or return_intermediates:
-                record.assignment = soft_assign(logits, keep)
+            if assignment is None:
+                assignment = Assignment.from_logits(self._logits(x, size, key_padding_mask), keep, causal=True)
+            record.assignment = assignment
             out, record.attn_weights, _ = causal_toca(
-                x, logits, self._projections(), keep=keep, chunk_size=self.chunk_size, need_weights=need_weights,
-                dropout_p=self.attn_drop_p if self.training else 0.0, final_state=False, recompute=self.recompute,
+                x, assignment.logits, self._projections(), keep=keep, chunk_size=self.chunk_size,
+                dropout_p=self.attn_drop_p if self.training else 0.0, need_weights=need_weights, final_state=False,
+                recompute=self.recompute,
             )  # fmt: skip
         else:
             if self.num_clusters:
-                want = return_assignment or return_intermediates
-                kv = self.cluster_norm(self._cluster(source, size, key_padding_mask, keep, assignment, want, record))
-                record.clusters = kv
+                record.assignment = self._assignment(source, size, key_padding_mask, keep, assignment)
+                kv = record.clusters = self.cluster_norm(record.assignment.pool(source))
             else:
                 kv = source
             attn_mask = None
@@ -242,8 +241,6 @@ class ToCaAttention(nn.Module):
             )
             out = out.transpose(-3, -2).flatten(-2)
         y = self.proj_drop(self.proj(out))
-        if return_assignment:
-            return y, record.assignment
         return (y, record) if return_intermediates else y
 
     def step(
@@ -297,32 +294,22 @@ class ToCaAttention(nn.Module):
             self.q.weight, self.q.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias, norm, self.num_heads
         )
 
-    def _cluster(
+    def _assignment(
         self,
         x: Tensor,
         size: Sequence[int] | None,
         key_padding_mask: Tensor | None,
         keep: Tensor | None,
-        assignment: Tensor | None,
-        want_assignment: bool,
-        record: ToCaIntermediates,
-    ) -> Tensor:
-        """Cluster tokens Z (B, M, C) before ``cluster_norm``; fills ``record.assignment``/``logits``.
-
-        A hard clustering builds its dense (B, M, N) assignment only when ``want_assignment``.
-        """
-        if assignment is not None:
-            record.assignment = assignment
-            return pool(assignment.to(x.dtype), x)
-        record.logits = logits = self._logits(x, size, key_padding_mask)
-        if not getattr(self.clustering, "hard", False):
-            record.assignment = soft_assign(logits, keep)
-            return pool(record.assignment, x)
-        index, weight = hard_assign(logits, keep)
-        counts = cluster_counts(index, weight, self.num_clusters)
-        if want_assignment:
-            record.assignment = hard_assignment_matrix(index, weight, counts)
-        return scatter_mean_pool(x, index, weight, counts, self.clustering.scatter_backend)
+        given: Tensor | Assignment | None,
+    ) -> Assignment:
+        """The assignment that pools this call's clusters: the given one, or this layer's clustering's."""
+        if isinstance(given, Assignment):
+            return given
+        if given is not None:
+            return Assignment.from_matrix(given, keep)
+        hard = getattr(self.clustering, "hard", False)
+        backend = getattr(self.clustering, "scatter_backend", "torch")
+        return Assignment.from_logits(self._logits(x, size, key_padding_mask), keep, hard=hard, backend=backend)
 
     def _logits(self, x: Tensor, size: Sequence[int] | None, key_padding_mask: Tensor | None) -> Tensor:
         if self.clustering is None:
@@ -364,13 +351,21 @@ class ToCaAttention(nn.Module):
         """``torch.jit.script`` calls this first: ToCa uses Python that TorchScript cannot compile."""
         raise TypeError(_NOT_SCRIPTABLE.format(type(self).__name__))
 
-    def macs(self, num_tokens: int, computes_assignment: bool | None = None, context_tokens: int | None = None) -> int:
+    def macs(
+        self,
+        num_tokens: int,
+        *,
+        computes_assignment: bool | None = None,
+        hard: bool | None = None,
+        context_tokens: int | None = None,
+    ) -> int:
         """Analytic multiply-accumulates of one forward pass on one sequence of ``num_tokens`` tokens.
 
         fvcore convention (what the PaCa paper calls FLOPs): linear/conv/matmul MACs, LayerNorm at
         5 per element, a scatter-add at 1 per source element; biases, softmax and activations are
         free. ``computes_assignment`` (default: the layer has a clustering function) says whether
-        this call runs the clustering or reuses a given assignment; ``context_tokens`` is the
+        this call runs the clustering or reuses a given assignment; ``hard`` whether the assignment is
+        pooled by scatter (default: this layer's clustering is hard and runs); ``context_tokens`` is the
         context length L in cross-attention.
         """
         n, c, m = check_int("num_tokens", num_tokens, 0), self.dim, self.num_clusters
@@ -391,6 +386,9 @@ class ToCaAttention(nn.Module):
         total += 2 * m * c * c + 2 * n * m * c  # k, v on clusters; QKᵀ and AV
         if isinstance(self.cluster_norm, nn.LayerNorm):
             total += 5 * m * c
-        hard = computes_assignment and getattr(self.clustering, "hard", False)
-        pooling = length * c + length if hard else length * m * c  # hard: member sums and counts by scatter
-        return total + pooling + clustering
+        if hard is None:
+            hard = computes_assignment and getattr(self.clustering, "hard", False)
+        if not hard:
+            return total + length * m * c + clustering  # the pooling C·X
+        counts = length if computes_assignment else 0  # the members are counted where the assignment is built
+        return total + length * c + counts + clustering  # hard: the member sums by scatter

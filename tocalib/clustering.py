@@ -21,7 +21,7 @@ its name, or pass a module instance directly.
 
 from __future__ import annotations
 
-import inspect
+import abc
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tocalib._checks import check_int
+from tocalib._registry import Registry
 from tocalib.pooling import SCATTER_BACKENDS
 
 __all__ = [
@@ -45,24 +46,17 @@ __all__ = [
     "register_clustering",
 ]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_REGISTRY = Registry("clustering")
 
 
 def register_clustering(name: str) -> Callable[[type], type]:
     """Class decorator: make ``clustering=name`` build this class as ``cls(dim, num_clusters, **kw)``."""
-
-    def decorate(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"clustering name {name!r} is already registered to {_REGISTRY[name]!r}")
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def list_clusterings() -> list[str]:
     """The registered clustering names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def build_clustering(
@@ -88,25 +82,12 @@ def build_clustering(
                 f"{num_clusters}; build the module with the same M"
             )
         return spec
-    if spec not in _REGISTRY:
-        raise ValueError(f"unknown clustering {spec!r}; known: {', '.join(list_clusterings())}")
-    factory = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    if factory and not _takes(_REGISTRY[spec], factory):
-        raise ValueError(
-            f"clustering {spec!r} ({_REGISTRY[spec].__name__}) does not take {sorted(factory)}: add those keyword "
-            "arguments to its constructor (PyTorch's factory kwargs), or build it and move it with .to()"
-        )
-    return _REGISTRY[spec](dim, num_clusters, **factory, **kwargs)
+    return _REGISTRY.build(spec, dim, num_clusters, device=device, dtype=dtype, **kwargs)
 
 
-def _takes(cls: Callable[..., nn.Module], names: dict[str, Any]) -> bool:
-    """Whether ``cls``'s constructor accepts these keyword arguments."""
-    parameters = inspect.signature(cls).parameters.values()
-    return any(p.kind is p.VAR_KEYWORD for p in parameters) or set(names) <= {p.name for p in parameters}
-
-
-class Clustering(nn.Module):
-    """Base class of the built-in clustering functions (see the module docstring for the protocol)."""
+class Clustering(nn.Module, abc.ABC):
+    """The clustering protocol as a base class (see the module docstring): subclasses implement
+    :meth:`forward` and :meth:`macs`."""
 
     hard: bool = False
     causal_safe: bool = False
@@ -119,6 +100,14 @@ class Clustering(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_clusters={self.num_clusters}"
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, size: Sequence[int] | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Tokens x (B, N, C), their layout ``size`` and padding → clustering logits (B, M, N)."""
+
+    @abc.abstractmethod
+    def macs(self, num_tokens: int) -> int:
+        """Multiply-accumulates of one call on one sequence of ``num_tokens`` tokens."""
 
 
 @register_clustering("linear")

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tocalib._checks import _NOT_SCRIPTABLE, check_int
 from tocalib.causal import ClusterState, KVCache, Projections, causal_toca, causal_toca_step, full_attention_step
 from tocalib.clustering import build_clustering
-from tocalib.pooling import cluster_counts, hard_assign, pool, scatter_mean_pool, soft_assign
+from tocalib.pooling import Assignment
 
 __all__ = ["ToCaMultiheadAttention"]
 
@@ -226,15 +226,10 @@ class ToCaMultiheadAttention(nn.MultiheadAttention):
         if bias is not None:
             logits = logits + bias.unsqueeze(1)
         keep = None if padding is None else ~padding
-        streams = (key,) if same else (key, value)
-        if getattr(self.clustering, "hard", False):
-            index, weight = hard_assign(logits, keep)
-            counts = cluster_counts(index, weight, self.num_clusters)
-            backend = self.clustering.scatter_backend
-            clusters = [scatter_mean_pool(t, index, weight, counts, backend) for t in streams]
-        else:
-            assignment = soft_assign(logits, keep)
-            clusters = [pool(assignment, t) for t in streams]
+        hard = getattr(self.clustering, "hard", False)
+        backend = getattr(self.clustering, "scatter_backend", "torch")
+        assignment = Assignment.from_logits(logits, keep, hard=hard, backend=backend)
+        clusters = [assignment.pool(t) for t in ((key,) if same else (key, value))]
         if self.cluster_norm is not None:
             clusters[0] = self.cluster_norm(clusters[0])
             if not same:

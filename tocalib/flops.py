@@ -14,6 +14,7 @@ arithmetic, masking and shape operations (:data:`NOT_MACS`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -180,15 +181,31 @@ _HANDLES = {
 
 
 class _Call(nn.Module):
-    """Binds keyword arguments so that fvcore, which passes positional inputs only, can trace."""
+    """Binds keyword arguments so that fvcore, which passes positional inputs only, can trace, and returns
+    the tensors of the output (the tracer takes no records such as :class:`~tocalib.ToCaIntermediates`)."""
 
     def __init__(self, module: nn.Module, kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.module = module
         self.kwargs = kwargs
 
-    def forward(self, *args: Any) -> Any:
-        return self.module(*args, **self.kwargs)
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(_tensors(self.module(*args, **self.kwargs)))
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in ``value``: itself, or inside tuples, lists, dicts and dataclasses, in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from _tensors(getattr(value, field.name))
 
 
 def mac_analysis(

@@ -8,6 +8,12 @@ Shapes: B batch, N tokens, M clusters, C channels.
   its members, computed with a scatter in O(N·C) instead of the O(N·M·C) dense product. Gradients
   reach the logits by the straight-through rule: each token is weighted by ``1 + p - p.detach()`` (= 1
   in the forward pass) where ``p`` is its softmax-over-clusters probability of the chosen cluster.
+* Causal assignment: only the logits. Position t of a causal layer sees ``softmax`` over the tokens
+  ≤ t, so the layer renormalises them per prefix itself (:mod:`tocalib.causal`).
+
+:class:`Assignment` holds one of the three forms; it is what flows from a clustering, a provider
+(:mod:`tocalib.providers`) or an earlier block to the layers that reuse it, so that no (B, M, N)
+matrix is built where its consumer does not need one.
 
 Padding (``keep`` False) never contributes: padded tokens get zero weight in every cluster, and a
 sequence with no real token yields all-zero assignments (no NaN).
@@ -16,12 +22,14 @@ sequence with no real token yields all-zero assignments (no NaN).
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "SCATTER_BACKENDS",
+    "Assignment",
     "cluster_counts",
     "hard_assign",
     "hard_assignment_matrix",
@@ -134,3 +142,100 @@ def _torch_scatter():
     import torch_scatter
 
     return torch_scatter
+
+
+@dataclass(frozen=True, eq=False)
+class Assignment:
+    """An assignment of N tokens to M clusters (batch B), in the form that its consumers need.
+
+    Build it with :meth:`from_logits` (or :meth:`from_matrix` for a normalised (B, M, N) tensor). Its
+    form is one of:
+
+    * ``"soft"``: ``matrix`` (B, M, N), each row a distribution over the real tokens;
+    * ``"hard"``: ``index`` (B, N) and ``weight`` (B, N) (see :func:`hard_assign`) with ``counts``
+      (B, M): pooled by scatter, no (B, M, N) matrix;
+    * ``"causal"``: ``logits`` only, which a causal layer renormalises per prefix.
+
+    ``logits`` (B, M, N) are also kept with the soft and hard forms built from them (to inspect, or
+    for a loss), and ``keep`` (B, N) bool marks the real tokens (None: all are real).
+
+    Example:
+        >>> a = Assignment.from_logits(torch.randn(2, 4, 10))
+        >>> a.form, a.pool(torch.randn(2, 10, 8)).shape, a.dense().shape
+        ('soft', torch.Size([2, 4, 8]), torch.Size([2, 4, 10]))
+    """
+
+    logits: Tensor | None = None
+    matrix: Tensor | None = None
+    index: Tensor | None = None
+    weight: Tensor | None = None
+    counts: Tensor | None = None
+    keep: Tensor | None = None
+    backend: str = "torch"
+
+    @classmethod
+    def from_logits(
+        cls,
+        logits: Tensor,
+        keep: Tensor | None = None,
+        *,
+        hard: bool = False,
+        causal: bool = False,
+        backend: str = "torch",
+    ) -> Assignment:
+        """The assignment that clustering logits (B, M, N) define: a softmax over the real tokens, each
+        token's best cluster with ``hard``, or the logits themselves with ``causal``.
+
+        ``keep`` (B, N) bool is True at real tokens; padded ones join no cluster."""
+        if logits.dim() != 3:
+            raise ValueError(f"logits must have shape (B, M, N), got {tuple(logits.shape)}")
+        if hard and causal:
+            raise ValueError("a hard assignment is not causal: pass hard=True or causal=True, not both")
+        if causal:
+            return cls(logits=logits, keep=keep)
+        if hard:
+            index, weight = hard_assign(logits, keep)
+            counts = cluster_counts(index, weight, logits.shape[1])
+            return cls(logits=logits, index=index, weight=weight, counts=counts, keep=keep, backend=backend)
+        return cls(logits=logits, matrix=soft_assign(logits, keep), keep=keep)
+
+    @classmethod
+    def from_matrix(cls, matrix: Tensor, keep: Tensor | None = None) -> Assignment:
+        """A soft assignment from a normalised (B, M, N) tensor (rows that sum to 1 over the real tokens)."""
+        if matrix.dim() != 3:
+            raise ValueError(f"an assignment matrix must have shape (B, M, N), got {tuple(matrix.shape)}")
+        return cls(matrix=matrix, keep=keep)
+
+    @property
+    def form(self) -> str:
+        """``"soft"``, ``"hard"`` or ``"causal"``."""
+        if self.matrix is not None:
+            return "soft"
+        return "hard" if self.index is not None else "causal"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B, M, N)."""
+        if self.index is not None:
+            return (*self.index.shape[:1], self.counts.shape[1], self.index.shape[1])
+        return tuple((self.matrix if self.matrix is not None else self.logits).shape)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """Cluster tokens (B, M, C) from tokens x (B, N, C): ``matrix · x``, or the members' means (hard)."""
+        if self.form == "soft":
+            return pool(self.matrix.to(x.dtype), x)
+        if self.form == "hard":
+            return scatter_mean_pool(x, self.index, self.weight, self.counts, self.backend)
+        raise ValueError(
+            "a causal assignment has no cluster tokens of its own (every position pools its own prefix): a causal "
+            "layer consumes it; for a non-causal layer build it with Assignment.from_logits(logits, causal=False)"
+        )
+
+    def dense(self) -> Tensor:
+        """The (B, M, N) matrix: built on request for the hard form (``weight / count`` at the members)
+        and, for the causal form, the softmax over all N tokens (what the last position sees)."""
+        if self.form == "soft":
+            return self.matrix
+        if self.form == "hard":
+            return hard_assignment_matrix(self.index, self.weight, self.counts)
+        return soft_assign(self.logits, self.keep)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.heads.common import ConvModule, check_features, resize, seg_cross_entropy
+from tocalib import Assignment
 
 __all__ = ["PaCaSegHead"]
 
@@ -85,8 +86,8 @@ class PaCaSegHead(nn.Module):
         height, width = x.shape[-2:]
         query = self.q(x).flatten(2).transpose(1, 2)  # (B, N, ch)
         cluster_logits = self.clustering(x)  # (B, L, H, W)
-        assignment = cluster_logits.flatten(2).softmax(dim=-1)  # (B, L, N): each cluster sums to 1 over pixels
-        tokens = assignment @ x.flatten(2).transpose(1, 2)  # Z = C·X: (B, L, 4·ch)
+        assignment = Assignment.from_logits(cluster_logits.flatten(2))  # (B, L, N): softmax over the pixels
+        tokens = assignment.pool(x.flatten(2).transpose(1, 2))  # Z = C·X: (B, L, 4·ch)
         key, value = self.k(tokens), self.v(tokens)  # (B, L, ch)
         # Single head and, unlike the backbone's attention, no 1/sqrt(d) scaling.
         out = F.scaled_dot_product_attention(query[:, None], key[:, None], value[:, None], scale=1.0)[:, 0]

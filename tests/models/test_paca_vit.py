@@ -276,7 +276,7 @@ def test_later_blocks_of_a_stage_wise_stage_reuse_the_first_assignment():
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         block.attn.register_forward_hook(
-            lambda m, a, kw, out, n=f"{i}.{j}": seen.__setitem__(n, out[1]), with_kwargs=True
+            lambda m, a, kw, out, n=f"{i}.{j}": seen.__setitem__(n, out[1].assignment.dense()), with_kwargs=True
         )
         for i in (1, 2, 3)
         for j, block in enumerate(getattr(model, f"stage{i}"))
@@ -354,9 +354,10 @@ def test_teacher_models_report_the_teacher_assignment_of_every_stage():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         _, maps = model.forward_features(x, return_assignments=True)
-        teacher, _ = model.paca_teacher(model.patch_embed(x))
+        stem = model.patch_embed(x)
+        teacher = model.paca_teacher(stem.flatten(2).transpose(1, 2), size=stem.shape[-2:]).assignments
     for m, t in zip(maps, teacher, strict=True):
-        torch.testing.assert_close(m.flatten(2), t, rtol=0, atol=0)
+        torch.testing.assert_close(m.flatten(2), t.dense(), rtol=0, atol=0)
 
 
 def test_overrides_change_the_head_drop_path_and_clusters():

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tocalib import ToCaAttention
+from tocalib import Assignment, ToCaAttention
 from tocalib.flops import count_macs
 
 
@@ -20,8 +20,10 @@ def test_causal_layer_refuses_what_would_leak_or_is_undefined():
     with pytest.raises(ValueError, match="causal=True needs"):
         ToCaAttention(16, 2, 4, clustering="hard", causal=True)
     layer = ToCaAttention(16, 2, 4, causal=True)
-    with pytest.raises(ValueError, match="cannot take assignment="):
+    with pytest.raises(ValueError, match="takes logits, not a normalised matrix"):
         layer(torch.randn(1, 5, 16), assignment=torch.rand(1, 4, 5))
+    with pytest.raises(ValueError, match="a causal layer got a soft Assignment"):
+        layer(torch.randn(1, 5, 16), assignment=Assignment.from_logits(torch.randn(1, 4, 5)))
     with pytest.raises(ValueError, match="self-attention only"):
         layer(torch.randn(1, 5, 16), context=torch.randn(1, 6, 16))
 
@@ -35,7 +37,7 @@ def test_cross_toca_is_attention_from_x_to_the_clusters_of_the_context(multihead
     pad[:, 0] = False
     y, record = layer(x, context=ctx, key_padding_mask=pad, return_intermediates=True)
     assert y.shape == (2, n, 16) and record.assignment.shape == (2, 5, length)
-    clusters = layer.cluster_norm(record.assignment @ ctx)
+    clusters = layer.cluster_norm(record.assignment.dense() @ ctx)
     expected, _ = multihead_like(layer)(x, clusters, clusters, need_weights=False)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     garbage = torch.cat([ctx, 1e3 * torch.randn(2, 3, 16)], dim=1)
@@ -78,13 +80,14 @@ def test_packed_sequences_give_the_padded_result(clustering, kwargs, lengths, se
     layer = ToCaAttention(16, 2, 4, clustering, **kwargs).eval()
     seqs = [torch.randn(n, 16) for n in lengths]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    packed_out, packed_c = layer(torch.cat(seqs), cu_seqlens=cu_seqlens, return_assignment=True)
+    packed_out, packed = layer(torch.cat(seqs), cu_seqlens=cu_seqlens, return_intermediates=True)
     assert packed_out.shape == (sum(lengths), 16)
     for s, (seq, start) in enumerate(zip(seqs, cu_seqlens.tolist(), strict=False)):
         if len(seq):
-            alone, c = layer(seq.unsqueeze(0), return_assignment=True)
+            alone, record = layer(seq.unsqueeze(0), return_intermediates=True)
             torch.testing.assert_close(packed_out[start : start + len(seq)], alone[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(packed_c[s, :, : len(seq)], c[0], atol=1e-6, rtol=1e-5)
+            expected = record.assignment.dense()[0]
+            torch.testing.assert_close(packed.assignment.dense()[s, :, : len(seq)], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_packed_inputs_are_checked():
