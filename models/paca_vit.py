@@ -109,10 +109,15 @@ class PaCaBlock(ToCaBlock):
         clustering: str | None,
         *,
         mlp_ratio: float = 4.0,
+        attention_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        hidden = int(dim * mlp_ratio)
-        attention = {"clustering_kwargs": {"hidden_dim": hidden}} if clustering == "mlp" else None
+        attention = dict(attention_kwargs or {})
+        if clustering == "mlp":  # P2CMlp: the FFN's hidden width
+            attention["clustering_kwargs"] = {
+                "hidden_dim": int(dim * mlp_ratio),
+                **attention.get("clustering_kwargs", {}),
+            }
         super().__init__(
             dim, num_heads, num_clusters, clustering, mlp_ratio=mlp_ratio, mlp_layer=DWConvMlp,
             attention_kwargs=attention, **kwargs,
@@ -232,8 +237,8 @@ class PaCaViT(nn.Module):
         Returns:
             ``features``: 4 maps (B, C_i, ceil(H/2**(i+2)), ceil(W/2**(i+2))), strides 4, 8, 16, 32;
             with ``return_assignments``, ``(features, assignments)`` where ``assignments[i]`` is the
-            (B, M_i, H_i, W_i) assignment of stage i's first block (softmax over H_i·W_i), or None
-            where M_i = 0.
+            (B, M_i, H_i, W_i) assignment of stage i's first block (a softmax over H_i·W_i; for a hard
+            clustering, 1 / (members) at each member), or None where M_i = 0.
         """
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
@@ -252,16 +257,17 @@ class PaCaViT(nn.Module):
                 x = getattr(self, f"transition{i}")(x)
             b, c, h, w = x.shape
             given = None if provided is None else provided.assignments[i]
-            tokens, records = getattr(self, f"stage{i + 1}")(
-                x.flatten(2).transpose(1, 2), size=(h, w), assignment=given, return_intermediates=True
+            out = getattr(self, f"stage{i + 1}")(
+                x.flatten(2).transpose(1, 2), size=(h, w), assignment=given, return_intermediates=return_assignments
             )
+            tokens = out[0] if return_assignments else out
             if provided is not None:
                 tokens = tokens + provided.features[i]
             tokens = getattr(self, f"norm{i + 1}")(tokens)
             x = tokens.transpose(1, 2).reshape(b, c, h, w)
             features.append(x)
             if return_assignments:
-                first = records[0].assignment
+                first = out[1][0].assignment
                 assignments.append(None if first is None else first.dense().unflatten(-1, (h, w)))
         return (features, assignments) if return_assignments else features
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from tocalib.providers import Conv2dTeacher
 
 __all__ = ["ConvMixerFPNTeacher"]
@@ -28,9 +30,17 @@ class ConvMixerFPNTeacher(Conv2dTeacher):
         depths: ConvMixer layers per level (2,2,2,2 for Tiny/Small, 2,2,4,2 for Base).
         num_clusters: M_i per level; 0 builds no ``to_clusters`` layer and yields no assignment.
         kernel_size: depthwise kernel of the ConvMixer layers.
+        device, dtype: PyTorch's factory kwargs.
     """
 
     def __init__(
-        self, embed_dims: Sequence[int], depths: Sequence[int], num_clusters: Sequence[int], kernel_size: int = 7
+        self,
+        embed_dims: Sequence[int],
+        depths: Sequence[int],
+        num_clusters: Sequence[int],
+        kernel_size: int = 7,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(embed_dims, depths, num_clusters, kernel_size, stride=2, blur=True)
+        super().__init__(embed_dims, depths, num_clusters, kernel_size, stride=2, blur=True, device=device, dtype=dtype)

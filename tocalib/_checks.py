@@ -94,13 +94,33 @@ def check_forward(
                 f"got {assignment.dtype} {tuple(assignment.shape)}"
             )
     keep = _keep(key_padding_mask, b, length)
-    if (
-        isinstance(assignment, Tensor)
-        and layer.check_assignment
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    ):
-        _check_assignment(assignment, keep)
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if isinstance(assignment, Assignment):
+        keep = _same_padding(keep, assignment.keep, (b, length), tracing)
+    matrix = assignment.matrix if isinstance(assignment, Assignment) else assignment
+    if matrix is not None and layer.check_assignment and not tracing:
+        _check_assignment(matrix, keep)
     return keep
+
+
+def _same_padding(keep: Tensor | None, given: Tensor | None, shape: tuple[int, int], tracing: bool) -> Tensor | None:
+    """The real tokens of a call with a given Assignment: the layer's padding and the assignment's must agree."""
+    if given is None:
+        if keep is not None:
+            raise ValueError(
+                "key_padding_mask marks padding, but the given Assignment was built without it (its keep is None): "
+                "build it with keep=~key_padding_mask, or call its provider with the same key_padding_mask"
+            )
+        return None
+    if given.dtype != torch.bool or tuple(given.shape) != shape:
+        raise ValueError(f"the Assignment's keep must be a bool (B, L) = {shape} tensor, got {given.dtype} "
+                         f"{tuple(given.shape)}")  # fmt: skip
+    if keep is not None and keep is not given and not tracing and not torch.equal(keep, given):
+        raise ValueError(
+            "the given Assignment was built for other padding than this call's key_padding_mask: build it (or call "
+            "its provider) with the same key_padding_mask"
+        )
+    return given if keep is None else keep
 
 
 def _check_given(layer: ToCaAttention, assignment: Assignment, expected: tuple[int, int, int]) -> None:

@@ -51,8 +51,8 @@ class ToCaIntermediates:
         assignment: the :class:`~tocalib.Assignment` that built the clusters, over L tokens (L = N, or the
             context length in cross-attention): soft, hard, or in causal mode the logits. Pass it to
             another layer's ``assignment=`` to share it; ``.dense()`` gives the (B, M, L) matrix (in
-            causal mode, the one the last position sees) and ``.logits`` the raw clustering logits
-            (None when the assignment was given as a matrix).
+            causal mode, the one the last position sees).
+        logits: (B, M, L) the raw clustering logits (None when the assignment was given).
         clusters: (B, M, C) the cluster tokens after ``cluster_norm`` (None in causal mode, where
             every position has its own).
         attn_weights: (B, heads, N, M) token-to-cluster attention weights, only with
@@ -60,6 +60,7 @@ class ToCaIntermediates:
     """
 
     assignment: Assignment | None = None
+    logits: Tensor | None = None
     clusters: Tensor | None = None
     attn_weights: Tensor | None = None
 
@@ -214,7 +215,8 @@ class ToCaAttention(nn.Module):
         record = ToCaIntermediates()
         if self.causal and self.num_clusters:
             if assignment is None:
-                assignment = Assignment.from_logits(self._logits(x, size, key_padding_mask), keep, causal=True)
+                record.logits = self._logits(x, size, key_padding_mask)
+                assignment = Assignment.from_logits(record.logits, keep, causal=True)
             record.assignment = assignment
             out, record.attn_weights, _ = causal_toca(
                 x, assignment.logits, self._projections(), keep=keep, chunk_size=self.chunk_size,
@@ -223,7 +225,7 @@ class ToCaAttention(nn.Module):
             )  # fmt: skip
         else:
             if self.num_clusters:
-                record.assignment = self._assignment(source, size, key_padding_mask, keep, assignment)
+                self._assignment(source, size, key_padding_mask, keep, assignment, record)
                 kv = record.clusters = self.cluster_norm(record.assignment.pool(source))
             else:
                 kv = source
@@ -301,21 +303,26 @@ class ToCaAttention(nn.Module):
         key_padding_mask: Tensor | None,
         keep: Tensor | None,
         given: Tensor | Assignment | None,
-    ) -> Assignment:
-        """The assignment that pools this call's clusters: the given one, or this layer's clustering's."""
+        record: ToCaIntermediates,
+    ) -> None:
+        """The assignment that pools this call's clusters (the given one, or this layer's clustering's), into
+        ``record`` with the logits it came from."""
         if isinstance(given, Assignment):
-            return given
-        if given is not None:
-            return Assignment.from_matrix(given, keep)
-        hard = getattr(self.clustering, "hard", False)
-        backend = getattr(self.clustering, "scatter_backend", "torch")
-        return Assignment.from_logits(self._logits(x, size, key_padding_mask), keep, hard=hard, backend=backend)
+            record.assignment = given
+        elif given is not None:
+            record.assignment = Assignment.from_matrix(given, keep)
+        else:
+            hard = getattr(self.clustering, "hard", False)
+            backend = getattr(self.clustering, "scatter_backend", "torch")
+            record.logits = self._logits(x, size, key_padding_mask)
+            record.assignment = Assignment.from_logits(record.logits, keep, hard=hard, backend=backend)
 
     def _logits(self, x: Tensor, size: Sequence[int] | None, key_padding_mask: Tensor | None) -> Tensor:
         if self.clustering is None:
+            given = "Assignment.from_logits(logits, causal=True)" if self.causal else "a (B, M, N) tensor or Assignment"
             raise ValueError(
-                "this ToCaAttention has no clustering function (clustering=None): pass assignment= "
-                "(B, M, N), e.g. from an earlier block or a teacher, or build it with clustering='mlp'"
+                f"this ToCaAttention has no clustering function (clustering=None): pass assignment= ({given}), e.g. "
+                "from an earlier block or a provider, or build it with clustering='mlp'"
             )
         logits = self.clustering(x, size=size, key_padding_mask=key_padding_mask)
         expected = (x.shape[0], self.num_clusters, x.shape[1])

@@ -112,8 +112,10 @@ class DWConvMlp(Mlp):
         self.dwconv = _DWConv(hidden_dim, factory)
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
-        if size is None or len(size) != 2:
-            raise ValueError(f"DWConvMlp works on 2-D grids: pass size=(H, W) with H*W = N, got size={size!r}")
+        if size is None or len(size) != 2 or size[0] * size[1] != x.shape[1]:
+            raise ValueError(
+                f"DWConvMlp works on 2-D grids: pass size=(H, W) with H*W = N = {x.shape[1]}, got size={size!r}"
+            )
         return self.drop(self.fc2(self.drop(self.act(self.dwconv(self.fc1(x), size)))))
 
     def macs(self, num_tokens: int) -> int:
@@ -199,6 +201,11 @@ class ToCaBlock(nn.Module):
         self.mlp = _build(mlp_layer, dim, int(dim * mlp_ratio), drop=drop, factory=factory)
         self.drop_path = DropPath(drop_path)
         self._mlp_takes_size = "size" in inspect.signature(self.mlp.forward).parameters
+        if causal and self._mlp_takes_size:
+            raise ValueError(
+                f"a causal block needs a token-wise MLP, and {type(self.mlp).__name__} takes size= (it mixes "
+                "neighbouring tokens, so position t would see t + 1): use mlp_layer=Mlp"
+            )
 
     @property
     def computes_assignment(self) -> bool:
@@ -232,6 +239,12 @@ class ToCaBlock(nn.Module):
         element), the attention (see :meth:`ToCaAttention.macs`) and the MLP (its own ``macs``)."""
         if not callable(getattr(self.mlp, "macs", None)):
             raise TypeError(f"the MLP {type(self.mlp).__name__} has no macs(num_tokens) method to count it with")
+        norms = [type(getattr(self, name)) for name in self.norm_names]
+        if any(norm is not nn.LayerNorm for norm in norms):
+            raise TypeError(
+                f"macs() counts LayerNorm norms (5 per element), not {[n.__name__ for n in norms]}: measure this "
+                "block with tocalib.flops.count_macs"
+            )
         attention = self.attn.macs(num_tokens, computes_assignment=computes_assignment, hard=hard)
         return 10 * num_tokens * self.attn.dim + attention + self.mlp.macs(num_tokens)
 
@@ -303,13 +316,13 @@ class ToCaStack(nn.Module):
                 dim, num_heads, num_clusters, clustering if owns else None, causal=causal, drop_path=rates[j],
                 device=device, dtype=dtype, **block_kwargs,
             )  # fmt: skip
-            if not owns:  # it reuses an assignment that was checked (or built normalised) where it came from
-                block.attn.check_assignment = False
+            if not owns and not (j == 0 and self.share == "given"):
+                block.attn.check_assignment = False  # it reuses what block 0 checked, or built normalised
             self.add_module(str(j), block)
 
     def computes_assignment(self, block: int) -> bool:
         """Whether block ``block`` runs its own clustering under this stack's policy."""
-        if self.share in ("teacher", "given"):
+        if self.share in ("teacher", "given") or not self.num_clusters:
             return False
         every = 1 if self.share == "block" else self.share
         return block == 0 or (every != "stage" and block % every == 0)
@@ -320,7 +333,10 @@ class ToCaStack(nn.Module):
     def __iter__(self) -> Iterator[ToCaBlock]:
         return (self._modules[str(j)] for j in range(self.depth))
 
-    def __getitem__(self, index: int) -> ToCaBlock:
+    def __getitem__(self, index: int | slice) -> ToCaBlock | list[ToCaBlock]:
+        """Block ``index`` (negative counts from the end), or a list of blocks for a slice."""
+        if isinstance(index, slice):
+            return [self._modules[str(j)] for j in range(self.depth)[index]]
         return self._modules[str(range(self.depth)[index])]
 
     def extra_repr(self) -> str:
@@ -349,9 +365,7 @@ class ToCaStack(nn.Module):
             raise ValueError(f"assignment= feeds a stack built with share='given'; this one has share={self.share!r}")
         if assignment is None and self.share == "given" and self.num_clusters:
             raise ValueError("this stack has share='given': pass assignment= (e.g. a provider's output)")
-        groups = None
-        if self.teacher is not None:
-            groups = self.teacher(x, size=size, key_padding_mask=key_padding_mask).assignments
+        groups = None if self.teacher is None else self._taught(x, size, key_padding_mask)
         per_group = self.depth // len(groups) if groups is not None else self.depth
         shared, records = assignment, []
         for j, block in enumerate(self):
@@ -362,15 +376,31 @@ class ToCaStack(nn.Module):
                 x, size=size, key_padding_mask=key_padding_mask, assignment=given, return_intermediates=True
             )
             shared = record.assignment
-            records.append(record)
+            if return_intermediates:
+                records.append(record)
         return (x, records) if return_intermediates else x
 
-    def macs(self, num_tokens: int, *, size: Sequence[int] | None = None) -> int:
+    def _taught(self, x: Tensor, size: Sequence[int] | None, key_padding_mask: Tensor | None) -> list[Assignment]:
+        """The teacher's assignments for x, one per group of blocks, each over x's N tokens."""
+        groups = self.teacher(x, size=size, key_padding_mask=key_padding_mask).assignments
+        for g, group in enumerate(groups):
+            if group.shape[-1] != x.shape[1]:
+                raise ValueError(
+                    f"the teacher's assignment {g} covers {group.shape[-1]} tokens, but the stack's input has "
+                    f"{x.shape[1]}: a stack's teacher must cluster its own tokens (a hierarchical teacher, such as a "
+                    "multi-level Conv2dTeacher, feeds one share='given' stack per level instead)"
+                )
+        return groups
+
+    def macs(self, num_tokens: int, *, size: Sequence[int] | None = None, hard: bool | None = None) -> int:
         """Analytic MACs of one forward pass on one sequence of ``num_tokens`` tokens (with its ``size`` for a
-        teacher on a grid): the teacher, then every block as it computes or reuses its assignment."""
+        teacher on a grid): the teacher, then every block as it computes or reuses its assignment. ``hard``:
+        whether the assignment is pooled by scatter (default: the blocks' clustering is hard; a given or
+        taught assignment is soft unless you say so)."""
         total = 0 if self.teacher is None else self.teacher.macs(num_tokens, size=size)
-        first = self[0].attn.clustering
-        hard = self.share not in ("teacher", "given") and getattr(first, "hard", False)
+        if hard is None:
+            first = self[0].attn.clustering
+            hard = self.share not in ("teacher", "given") and getattr(first, "hard", False)
         for block in self:
             total += block.macs(num_tokens, computes_assignment=block.computes_assignment, hard=hard)
         return total
@@ -405,8 +435,9 @@ def _check_teacher(teacher: AssignmentProvider, depth: int, num_clusters: int, c
         )
     if any(m != num_clusters for m in groups):
         raise ValueError(f"the teacher's num_clusters {groups} must all equal the blocks' num_clusters={num_clusters}")
-    if causal and not teacher.causal:
+    if causal != teacher.causal:
+        needs = "a causal teacher (one that looks only back)" if causal else "a non-causal teacher"
         raise ValueError(
-            f"a causal stack needs a causal teacher (one that looks only back), got {type(teacher).__name__} "
-            "with causal=False; build it with causal=True"
+            f"a {'causal' if causal else 'non-causal'} stack needs {needs}, got {type(teacher).__name__} with "
+            f"causal={teacher.causal}; build the teacher with causal={causal}"
         )

@@ -67,6 +67,7 @@ _MAC_FREE_NAMES = (
     "log_softmax",
     "logaddexp",
     "logcumsumexp",
+    "logsumexp",
     "logical_and",
     "logical_not",
     "logical_or",

@@ -21,7 +21,9 @@ sequence with no real token yields all-zero assignments (no NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +82,9 @@ def hard_assign(logits: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Ten
         in the forward pass, with the gradient of the chosen cluster's softmax probability (the
         straight-through rule ``1 + p - p.detach()``), and 0 for padding.
     """
-    probs = logits.softmax(dim=1, dtype=torch.float32)  # (B, M, N), over clusters
-    chosen, index = probs.max(dim=1)  # (B, N)
+    index = logits.argmax(dim=1)  # (B, N)
+    scores = logits.float()  # the chosen cluster's softmax-over-clusters probability, without a (B, M, N) softmax
+    chosen = (scores.gather(1, index.unsqueeze(1)).squeeze(1) - scores.logsumexp(dim=1)).exp()
     weight = 1 + (chosen - chosen.detach())
     if keep is not None:
         weight = weight * keep
@@ -89,9 +92,10 @@ def hard_assign(logits: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Ten
 
 
 def cluster_counts(index: Tensor, weight: Tensor, num_clusters: int) -> Tensor:
-    """(B, M) number of members of each cluster (padding has weight 0 and is not counted)."""
-    real = (weight.detach() != 0).to(weight.dtype)
-    counts = weight.new_zeros(index.shape[0], num_clusters)
+    """(B, M) number of members of each cluster (padding has weight 0 and is not counted), in at least float32."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # a half-precision count stops at 256 or 2048
+    real = (weight.detach() != 0).to(dtype)
+    counts = weight.new_zeros(index.shape[0], num_clusters, dtype=dtype)
     return counts.scatter_add_(1, index, real)
 
 
@@ -130,7 +134,7 @@ def hard_assignment_matrix(index: Tensor, weight: Tensor, counts: Tensor) -> Ten
     sums to 1 over its members, and rows of empty clusters are zero.
     """
     onehot = torch.nn.functional.one_hot(index, counts.shape[1]).transpose(1, 2).to(weight.dtype)
-    return onehot * weight.unsqueeze(1) / counts.clamp_min(1).unsqueeze(-1)
+    return (onehot * weight.unsqueeze(1) / counts.clamp_min(1).unsqueeze(-1)).to(weight.dtype)
 
 
 def _torch_scatter():
@@ -154,10 +158,10 @@ class Assignment:
     * ``"soft"``: ``matrix`` (B, M, N), each row a distribution over the real tokens;
     * ``"hard"``: ``index`` (B, N) and ``weight`` (B, N) (see :func:`hard_assign`) with ``counts``
       (B, M): pooled by scatter, no (B, M, N) matrix;
-    * ``"causal"``: ``logits`` only, which a causal layer renormalises per prefix.
+    * ``"causal"``: ``logits`` (B, M, N), which a causal layer renormalises per prefix.
 
-    ``logits`` (B, M, N) are also kept with the soft and hard forms built from them (to inspect, or
-    for a loss), and ``keep`` (B, N) bool marks the real tokens (None: all are real).
+    ``keep`` (B, N) bool marks the real tokens (None: all are real); a layer that takes the assignment
+    must get the same padding (its ``key_padding_mask``, or none).
 
     Example:
         >>> a = Assignment.from_logits(torch.randn(2, 4, 10))
@@ -196,8 +200,8 @@ class Assignment:
         if hard:
             index, weight = hard_assign(logits, keep)
             counts = cluster_counts(index, weight, logits.shape[1])
-            return cls(logits=logits, index=index, weight=weight, counts=counts, keep=keep, backend=backend)
-        return cls(logits=logits, matrix=soft_assign(logits, keep), keep=keep)
+            return cls(index=index, weight=weight, counts=counts, keep=keep, backend=backend)
+        return cls(matrix=soft_assign(logits, keep), keep=keep)
 
     @classmethod
     def from_matrix(cls, matrix: Tensor, keep: Tensor | None = None) -> Assignment:
@@ -219,6 +223,21 @@ class Assignment:
         if self.index is not None:
             return (*self.index.shape[:1], self.counts.shape[1], self.index.shape[1])
         return tuple((self.matrix if self.matrix is not None else self.logits).shape)
+
+    def detach(self) -> Assignment:
+        """The same assignment cut from the autograd graph (a teacher's, used as a fixed target)."""
+        return self._map(lambda name, t: t.detach())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Assignment:
+        """The assignment on ``device``, with its weights (matrix, logits, hard weights) in ``dtype``; the
+        indices, the mask and the member counts keep theirs."""
+        weights = ("logits", "matrix", "weight")
+        return self._map(lambda name, t: t.to(device=device, dtype=dtype if name in weights else None))
+
+    def _map(self, fn: Callable[[str, Tensor], Tensor]) -> Assignment:
+        fields = ("logits", "matrix", "index", "weight", "counts", "keep")
+        changed = {f: fn(f, getattr(self, f)) for f in fields if getattr(self, f) is not None}
+        return dataclasses.replace(self, **changed)
 
     def pool(self, x: Tensor) -> Tensor:
         """Cluster tokens (B, M, C) from tokens x (B, N, C): ``matrix · x``, or the members' means (hard)."""

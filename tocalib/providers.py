@@ -48,8 +48,15 @@ _REGISTRY = Registry("provider")
 
 
 def register_provider(name: str) -> Callable[[type], type]:
-    """Class decorator: make ``build_provider(name, ...)`` build this class."""
-    return _REGISTRY.register(name)
+    """Class decorator: make ``build_provider(name, ...)`` build this class (an :class:`AssignmentProvider`)."""
+    register = _REGISTRY.register(name)
+
+    def decorate(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, AssignmentProvider)):
+            raise TypeError(f"a provider must subclass tocalib.AssignmentProvider, got {cls!r}")
+        return register(cls)
+
+    return decorate
 
 
 def list_providers() -> list[str]:
@@ -316,8 +323,11 @@ class Conv2dTeacher(AssignmentProvider):
             )
         factory = {"device": device, "dtype": dtype}
         self.num_levels = len(embed_dims)
-        self.embed_dims, self.depths = tuple(embed_dims), tuple(depths)
+        self.embed_dims = tuple(check_int(f"embed_dims[{i}]", c, 1) for i, c in enumerate(embed_dims))
+        self.depths = tuple(check_int(f"depths[{i}]", d, 0) for i, d in enumerate(depths))
         self.num_clusters = _clusters(num_clusters)
+        if check_int("kernel_size", kernel_size, 1) % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the ConvMixer layers keep the map size), got {kernel_size}")
         self.kernel_size, self.stride = kernel_size, check_int("stride", stride, 1)
         for i, (dim, depth, clusters) in enumerate(zip(embed_dims, depths, self.num_clusters, strict=True), start=1):
             layers = (ConvMixerLayer(dim, kernel_size, **factory) for _ in range(depth))

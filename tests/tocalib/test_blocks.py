@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import tocalib.pooling
-from tocalib import Assignment, Conv1dTeacher, ToCaBlock, ToCaStack
+from tocalib import Assignment, Conv1dTeacher, Conv2dTeacher, ToCaBlock, ToCaStack
 from tocalib.blocks import DWConvMlp, Mlp
 
 DIM = 16
@@ -176,3 +176,25 @@ def test_stacks_refuse_inconsistent_policies():
         stack(drop_path=[0.1, 0.2])
     model = stack()
     assert len(model) == 4 and model[-1] is model[3] and [b for b in model] == [model[j] for j in range(4)]
+
+
+def test_stacks_refuse_what_would_break_later():
+    with pytest.raises(ValueError, match="non-causal stack needs a non-causal teacher"):
+        stack(teacher=Conv1dTeacher(DIM, 4, causal=True))
+    with pytest.raises(ValueError, match="causal block needs a token-wise MLP"):
+        ToCaBlock(DIM, 2, 4, causal=True, mlp_layer=DWConvMlp)
+    given = stack(share="given", clustering=None)
+    with pytest.raises(ValueError, match="sum to 1 over the real tokens"):
+        given(torch.randn(1, 10, DIM), assignment=torch.rand(1, 4, 10) * 5)
+    with pytest.raises(TypeError, match="counts LayerNorm"):
+        ToCaStack(DIM, 2, 2, 4, norm_layer=nn.RMSNorm).macs(10)
+    assert ToCaStack(DIM, 2, 2, 0).computes_assignment(0) is False
+    model = stack()
+    assert model[1:3] == [model[1], model[2]] and model[-1] is model[3]
+
+
+def test_a_multi_level_teacher_feeds_a_stack_only_on_its_own_tokens():
+    teacher = Conv2dTeacher((DIM, DIM), (1, 1), (4, 4), kernel_size=3)
+    model = ToCaStack(DIM, 2, 2, 4, teacher=teacher, mlp_layer=DWConvMlp)
+    with pytest.raises(ValueError, match="must cluster its own tokens"):
+        model(torch.randn(1, 16, DIM), size=(4, 4))

@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tocalib import Assignment, AssignmentProvider, Conv1dTeacher, Conv2dTeacher, build_provider, list_providers
+from tocalib import (
+    Assignment,
+    AssignmentProvider,
+    Conv1dTeacher,
+    Conv2dTeacher,
+    ToCaAttention,
+    build_provider,
+    list_providers,
+)
 from tocalib.providers import Provided, register_provider
 
 flops = pytest.importorskip("tocalib.flops")
@@ -119,3 +127,31 @@ def test_assignment_forms_pool_like_their_dense_matrix():
         causal.pool(x)
     with pytest.raises(ValueError, match="not both"):
         Assignment.from_logits(logits, hard=True, causal=True)
+
+
+def test_a_layer_and_the_assignment_it_takes_must_agree_on_padding():
+    layer = ToCaAttention(16, 2, 4, cluster_norm=False)
+    causal = ToCaAttention(16, 2, 4, causal=True)
+    x, logits = torch.randn(2, 9, 16), torch.randn(2, 4, 9)
+    pad = torch.arange(9) >= torch.tensor([[9], [6]])
+    with pytest.raises(ValueError, match="built without it"):
+        layer(x, key_padding_mask=pad, assignment=Assignment.from_logits(logits))
+    with pytest.raises(ValueError, match="other padding"):
+        layer(x, key_padding_mask=pad, assignment=Assignment.from_logits(logits, ~pad.flip(0)))
+    # the assignment's own padding applies when the call names none: a padded token changes nothing
+    noisy = x.clone()
+    noisy[1, 6:] = 1e3
+    for model, causal_form in ((layer, False), (causal, True)):
+        given = Assignment.from_logits(logits, ~pad, causal=causal_form)
+        torch.testing.assert_close(model(noisy, assignment=given), model(x, assignment=given))
+
+
+def test_assignments_move_and_detach_and_count_members_exactly_in_half_precision():
+    logits = torch.randn(2, 4, 9, requires_grad=True)
+    hard = Assignment.from_logits(logits, hard=True)
+    moved = hard.to(dtype=torch.float64)
+    assert moved.weight.dtype == torch.float64 and moved.index.dtype == torch.long
+    assert moved.counts.dtype == hard.counts.dtype == torch.float32
+    assert not Assignment.from_logits(logits).detach().matrix.requires_grad
+    many = Assignment.from_logits(torch.randn(1, 2, 3000).to(torch.bfloat16), hard=True)
+    assert many.counts.dtype == torch.float32 and many.counts.sum() == 3000
