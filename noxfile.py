@@ -114,8 +114,9 @@ def demo_lm(session: nox.Session) -> None:
 
 @nox.session
 def demo_sequence(session: nox.Session) -> None:
-    """ToCa vs full attention forecasting weekly Mauna Loa CO2 (data ships in statsmodels); CPU, about 9 min on
-    the shared 2-core machine; not a default session. Writes outputs/sequence_demo/{results.md,results.json,
+    """ToCa (clustering in every block, in block 1 only, or from a Conv1dTeacher) vs full attention forecasting
+    weekly Mauna Loa CO2 (data ships in statsmodels); CPU, about 4 min on the shared 2-core machine; not a default
+    session. Writes outputs/sequence_demo/{results.md,results.json,
     assignments.png}. Options after `--` go to the demo, e.g. `nox -s demo_sequence -- --steps 50`."""
     install(session, "test,flops,viz,sequence")
     session.run("python", "examples/sequence_demo.py", *session.posargs)
