@@ -64,12 +64,13 @@ def train_smoke(session: nox.Session) -> None:
     shutil.rmtree(out, ignore_errors=True)
     runs = {"classification": "fashion_mnist", "segmentation": "textures"}
     for entry, preset in runs.items():
-        run = ("-m", f"reproductions.train.{entry}", "--preset", preset, "--device", "cpu", "--out", str(out / preset))
+        module = f"tocalib.reproductions.train.{entry}"
+        run = ("-m", module, "--preset", preset, "--device", "cpu", "--out", str(out / preset))
         session.run(*TORCHRUN, *run)
     session.run(
         "python",
         "-m",
-        "reproductions.train.summary",
+        "tocalib.reproductions.train.summary",
         *(str(out / p) for p in runs.values()),
         "--out",
         str(out / "summary.md"),
@@ -124,7 +125,7 @@ def demo_sequence(session: nox.Session) -> None:
 
 def _reproduce(session: nox.Session, *tables: str) -> None:
     install(session, "test,flops,viz,eval")
-    session.run("python", "-m", "reproductions.reproduce", *tables, *session.posargs)
+    session.run("python", "-m", "tocalib.reproductions.reproduce", *tables, *session.posargs)
 
 
 @nox.session

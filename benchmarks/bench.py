@@ -42,15 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tocalib.models import create_model
+from tocalib.models.pvt_v2 import SpatialReductionAttention
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
 from benchmarks.common import Target
-from models import create_model
-from models.pvt_v2 import SpatialReductionAttention
 from tocalib import ToCaAttention, flops
 from tocalib.flops import toca_macs
 

@@ -1,5 +1,5 @@
 """Load official PaCa-ViT checkpoints (PaCaViT@4307018 paca_vit.py, its module tree) into the models of
-:mod:`models.paca_vit`.
+:mod:`tocalib.models.paca_vit`.
 
 Accepted inputs: a raw state dict, ``{'state_dict': ...}`` (timm, mmengine) or ``{'model': ...}``, or
 a path to any of them. Key prefixes ``module.`` (DistributedDataParallel) and ``backbone.`` (mmdet /
@@ -215,7 +215,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler, whose op
     dispatch[pickle.BUILD[0]] = load_build
 
 
-_RESTRICTED_PICKLE = types.ModuleType("restricted_pickle", "pickle, with globals restricted (models.loading)")
+_RESTRICTED_PICKLE = types.ModuleType("restricted_pickle", "pickle, with globals restricted (tocalib.models.loading)")
 _RESTRICTED_PICKLE.Unpickler = _RestrictedUnpickler
 _RESTRICTED_PICKLE.load = lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load()
 
@@ -344,7 +344,7 @@ def load_official_state_dict(
     """Copy an official PaCa-ViT checkpoint into ``model`` (parameters and buffers).
 
     Args:
-        model: a :class:`~models.paca_vit.PaCaViT` (any module with the official names works).
+        model: a :class:`~tocalib.models.paca_vit.PaCaViT` (any module with the official names works).
         state_dict_or_path: a (wrapped) state dict or the path of a ``torch.save`` file.
         strict: raise :class:`StateDictMismatchError` on any missing, unexpected or mismatched key.
         skip_mismatched_clusters: leave cluster layers whose shape differs (a changed M) at their

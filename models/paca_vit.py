@@ -4,7 +4,7 @@ Architecture (PaCaViT@4307018 paca_vit.py): an overlapping conv stem (stride 4),
 with an overlapping stride-2 conv transition between stages, a LayerNorm per stage and a mean-pool
 linear head. Module names and shapes follow the official checkpoints exactly (PaCaViT@4307018 paca_vit.py, its module
 tree), so
-:func:`models.load_official_state_dict` loads them without renaming.
+:func:`tocalib.models.load_official_state_dict` loads them without renaming.
 
 Where the clustering runs (per stage, ``recompute_every``):
 
@@ -13,7 +13,7 @@ Where the clustering runs (per stage, ``recompute_every``):
 * ``1`` block-wise: every block computes its own;
 * ``k ≥ 2``: blocks 0, k, 2k, … compute it, the others reuse the latest;
 * with a teacher (``teacher_depths``) no block clusters: the ConvMixer-FPN teacher of
-  :mod:`models.teacher` feeds one assignment to every block of a stage.
+  :mod:`tocalib.models.teacher` feeds one assignment to every block of a stage.
 
 Inputs: (B, in_chans, H, W) of **any** size H, W ≥ 1. The stem and transitions are 3×3 stride-2
 convs with padding 1, so stage i has ``ceil(H / 2**(i+2))`` × ``ceil(W / 2**(i+2))`` tokens, exactly as
@@ -38,12 +38,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tocalib.models._layers import init_weights
+from tocalib.models._registry import register_model
+from tocalib.models.loading import load_official_state_dict
+from tocalib.models.teacher import ConvMixerFPNTeacher
 from torch import Tensor, nn
 
-from models._layers import init_weights
-from models._registry import register_model
-from models.loading import load_official_state_dict
-from models.teacher import ConvMixerFPNTeacher
 from tocalib import ToCaBlock, ToCaStack
 from tocalib._checks import check_int
 from tocalib.blocks import DWConvMlp
@@ -326,7 +326,7 @@ def model_config(name: str) -> dict[str, Any]:
 
 def _create(name: str, pretrained: str | os.PathLike[str] | bool | None, overrides: dict[str, Any]) -> PaCaViT:
     """Build ``name`` from a fresh copy of its table entry, overridden by ``overrides``, then load
-    ``pretrained`` (a checkpoint path, read by :func:`models.load_official_state_dict`) after init."""
+    ``pretrained`` (a checkpoint path, read by :func:`tocalib.models.load_official_state_dict`) after init."""
     if pretrained is True:
         raise ValueError(
             f"pretrained=True: there are no download URLs for {name}; pass the checkpoint path instead, "

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tocalib.models._layers import MeanPoolClassifier, init_weights
+from tocalib.models._registry import register_model
 from torch import Tensor, nn
 
-from models._layers import MeanPoolClassifier, init_weights
-from models._registry import register_model
 from tocalib._checks import check_int
 
 __all__ = ["SwinTransformer", "WindowAttention"]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m models.viz_cli IMAGE MODEL --out grid.png [--checkpoint PATH] [--size 224]
+    python -m tocalib.models.viz_cli IMAGE MODEL --out grid.png [--checkpoint PATH] [--size 224]
                              [--max-clusters 8] [--cell-size 128] [--seed 0]
 
 Runs ``MODEL`` (a registered name, random weights unless ``--checkpoint`` gives an official-format
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tocalib.models import create_model, list_models
 
-from models import create_model, list_models
 from tocalib.viz import save_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,7 +37,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m models.viz_cli", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tocalib.models.viz_cli", description=__doc__.split("\n")[0])
     parser.add_argument("image", help="input image file (any format Pillow reads)")
     parser.add_argument("model", help="registered model name, e.g. pacavit_tiny_p2cconv_100_0")
     parser.add_argument("--out", required=True, help="output PNG path")

@@ -1,6 +1,7 @@
 """The paper's tables, rebuilt: reported numbers as data (``tables/tableN.toml``), params/FLOPs counting of every
-row (:mod:`reproductions.counting`), accuracy of the released checkpoints (:mod:`reproductions.eval`) and the
-side-by-side report (:mod:`reproductions.report`). Entry point: ``python -m reproductions.reproduce table2``.
+row (:mod:`tocalib.reproductions.counting`), accuracy of the released checkpoints
+(:mod:`tocalib.reproductions.eval`) and the side-by-side report (:mod:`tocalib.reproductions.report`). Entry
+point: ``tocalib-reproduce table2`` (or ``python -m tocalib.reproductions.reproduce table2``).
 
 Numbering (this project's, in the order of the README of PaCaViT@4307018, which numbers no tables): Table 1 =
 ImageNet-1k, Table 2 = MS-COCO Mask R-CNN 1×,

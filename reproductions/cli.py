@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from models import create_model
+from tocalib.models import create_model
 
 __all__ = ["USER_ERRORS", "command_line", "create_from_options"]
 
@@ -26,7 +26,7 @@ def command_line(main: Callable[[Sequence[str]], Any], name: str, argv: Sequence
 
 
 def create_from_options(option: str, name: str, **overrides: Any) -> Any:
-    """``models.create_model(name, **overrides)``, where a keyword the model does not take came from the
+    """``tocalib.models.create_model(name, **overrides)``, where a keyword the model does not take came from the
     command line (``option``): a ValueError that names the option, for :func:`command_line`'s one line."""
     try:
         return create_model(name, **overrides)

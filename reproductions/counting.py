@@ -5,10 +5,10 @@ Conventions (those under which the numbers of PaCaViT@4307018's README reproduce
 * **classification**: the whole model, 1000-way head included; fvcore rules plus tocalib's handles
   (:func:`tocalib.flops.mac_analysis`, as ``count_macs``) on one (1, 3, H, W) image; mean pooling does no MACs.
 * **detection**: Mask R-CNN params of every module; MACs of backbone + FPN + RPN + box head on 1000 proposals +
-  mask head on 100 RoIs at (H, W) = (1280, 800) (:func:`models.heads.flops.mask_rcnn_macs`, convention
+  mask head on 100 RoIs at (H, W) = (1280, 800) (:func:`tocalib.models.heads.flops.mask_rcnn_macs`, convention
   ``"paper"``).
 * **segmentation**: params of every module (UperNet's FCN auxiliary head included); MACs of backbone + decode
-  head at 512×512, traced as :func:`models.heads.flops.segmentor_macs` does.
+  head at 512×512, traced as :func:`tocalib.models.heads.flops.segmentor_macs` does.
 
 **The official counter's blind spot.** The official teacher (``PaCaTeacher_ConvMixer``) builds its 7×7 depthwise
 ConvMixer convolutions with ``padding="same"``, which traces to ``aten::_convolution_mode``; fvcore has no handle
@@ -38,13 +38,13 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from tocalib.models import create_model
+from tocalib.models.heads import MaskRCNN, paca_segmentor, upernet_segmentor
+from tocalib.models.heads.flops import NOT_MACS as DETECTION_NOT_MACS
+from tocalib.models.heads.flops import mask_rcnn_macs
+from tocalib.reproductions.tables import Row, Section
 from torch import Tensor, nn
 
-from models import create_model
-from models.heads import MaskRCNN, paca_segmentor, upernet_segmentor
-from models.heads.flops import NOT_MACS as DETECTION_NOT_MACS
-from models.heads.flops import mask_rcnn_macs
-from reproductions.tables import Row, Section
 from tocalib.flops import mac_analysis
 from tocalib.providers import ConvMixerLayer
 
@@ -174,7 +174,7 @@ class ModelCounter:
         image = torch.ones(1, 3, *section.resolution)
         with torch.no_grad():
             if section.task in ("classification", "segmentation"):  # segmentation: decode head only, as
-                parts = _traced_parts(model, image)  # models.heads.flops.segmentor_macs counts
+                parts = _traced_parts(model, image)  # tocalib.models.heads.flops.segmentor_macs counts
             else:
                 assert isinstance(model, MaskRCNN)
                 parts = _pyramid_macs(model, image)
@@ -190,7 +190,7 @@ def _pyramid_macs(model: MaskRCNN, image: Tensor) -> dict[str, int]:
     if any(isinstance(m, nn.ConvTranspose2d) for m in pyramid.modules()):
         raise RuntimeError(
             "the backbone or FPN holds a transposed convolution, which the 'paper' convention counts differently "
-            "from fvcore: count this model with models.heads.flops.mask_rcnn_macs instead"
+            "from fvcore: count this model with tocalib.models.heads.flops.mask_rcnn_macs instead"
         )
     return _traced_parts(pyramid, image, not_macs=DETECTION_NOT_MACS, split=("backbone", "neck"))
 

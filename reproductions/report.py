@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from reproductions.counting import SKIPPED, Count
-from reproductions.tables import Number, Row, Section, Table
+from tocalib.reproductions.counting import SKIPPED, Count
+from tocalib.reproductions.tables import Number, Row, Section, Table
 
 __all__ = ["Check", "RowResult", "check", "render_text", "summary", "write_outputs"]
 

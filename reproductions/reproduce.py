@@ -1,12 +1,12 @@
 """Rebuild every row of a paper table, count its params and FLOPs, optionally evaluate the official checkpoints,
 and print the reported and reproduced numbers side by side.
 
-    python -m reproductions.reproduce table2 [--out outputs/reproductions] [--rows GLOB]
-    python -m reproductions.reproduce table1 --checkpoints CKPT_DIR --data DATA_DIR
+    python -m tocalib.reproductions.reproduce table2 [--out outputs/reproductions] [--rows GLOB]
+    python -m tocalib.reproductions.reproduce table1 --checkpoints CKPT_DIR --data DATA_DIR
 
 Writes ``<out>/<table>.{md,csv,json}``. Exit status 1 when a reproduced params/FLOPs number misses the reported
 one beyond its tolerance (README errata recorded in the table data are flagged instead, see
-:mod:`reproductions.report`); accuracy differences are shown, never failing.
+:mod:`tocalib.reproductions.report`); accuracy differences are shown, never failing.
 
 ``--data DATA_DIR`` holds ``imagenet/val/<class>/*`` (ImageNet val in class folders, sorted = class index),
 ``ADEChallengeData2016/{images,annotations}/validation`` and ``coco/{val2017,annotations/instances_val2017.json}``;
@@ -28,12 +28,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
-from reproductions.cli import USER_ERRORS
-from reproductions.counting import CountingPool
-from reproductions.eval import check_eval_inputs, evaluate_row
-from reproductions.report import RowResult, render_text, summary, write_outputs
-from reproductions.tables import TABLES, Row, Section, Table, load_table
+from tocalib.reproductions.cli import USER_ERRORS
+from tocalib.reproductions.counting import CountingPool
+from tocalib.reproductions.eval import check_eval_inputs, evaluate_row
+from tocalib.reproductions.report import RowResult, render_text, summary, write_outputs
+from tocalib.reproductions.tables import TABLES, Row, Section, Table, load_table
 
 __all__ = ["main", "reproduce_table"]
 
@@ -90,7 +89,9 @@ def reproduce_table(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m reproductions.reproduce", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="tocalib-reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("tables", nargs="+", choices=[*TABLES, "all"], help="which tables (all = table1 … table4)")
     parser.add_argument("--out", type=Path, default=Path("outputs/reproductions"), help="output folder")
@@ -178,7 +179,7 @@ def _run(
     results = reproduce_table(table, pool, rows, args.checkpoints, args.data, None, args.allow_fewer_classes)
     seconds = time.perf_counter() - tick
     meta = {
-        "command": " ".join(["python -m reproductions.reproduce", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["tocalib-reproduce", *(argv if argv is not None else sys.argv[1:])]),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
         "torch": torch.__version__,

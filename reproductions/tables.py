@@ -71,7 +71,7 @@ class Row:
 
     Attributes:
         label: the README's row name.
-        model: registered backbone name (:func:`models.create_model`).
+        model: registered backbone name (:func:`tocalib.models.create_model`).
         params_m, flops_g: reported params (millions) and FLOPs (GMACs).
         metrics: reported metrics by name (``top1``, ``mIoU``, ``APb`` …).
         checkpoint: file name of the released checkpoint (the README's link name).

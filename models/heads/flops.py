@@ -41,9 +41,9 @@ from collections import Counter
 from typing import Any, Literal
 
 import torch
+from tocalib.models.heads.mask_rcnn import MaskRCNN
 from torch import Tensor, nn
 
-from models.heads.mask_rcnn import MaskRCNN
 from tocalib.flops import count_macs
 
 __all__ = ["mask_rcnn_macs", "segmentor_macs", "transposed_conv_per_output_macs"]
@@ -77,7 +77,7 @@ def _macs(module: nn.Module, *args: Any, convention: Convention) -> int:
 
 
 def segmentor_macs(segmentor: nn.Module, image_hw: tuple[int, int] = (512, 512)) -> int:
-    """MACs of an :class:`~models.heads.segmentor.EncoderDecoder` on one (1, 3, H, W) image (fvcore rules;
+    """MACs of an :class:`~tocalib.models.heads.segmentor.EncoderDecoder` on one (1, 3, H, W) image (fvcore rules;
     decode head only, as the README counts)."""
     return count_macs(segmentor.eval(), torch.zeros(1, 3, *image_hw))
 

@@ -2,9 +2,9 @@
 
 An mmengine checkpoint is ``{'meta', 'state_dict', ...}`` whose ``state_dict`` keys start with the module
 names (``backbone.``, ``neck.``, ``rpn_head.``, ``roi_head.``, ``decode_head.``, ``auxiliary_head.``). The
-backbone part is matched by the backbone loader's rules (:func:`models.loading.match_state_dict`, its
+backbone part is matched by the backbone loader's rules (:func:`tocalib.models.loading.match_state_dict`, its
 cluster-layer skip included), every other top-level module under its mmdet/mmseg name, and the joined report
-decides: loading is all-or-nothing, and a :class:`~models.loading.StateDictMismatchError` lists every missing,
+decides: loading is all-or-nothing, and a :class:`~tocalib.models.loading.StateDictMismatchError` lists every missing,
 unexpected and mismatched key of both parts under its full name before anything is copied.
 """
 
@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from torch import nn
-
-from models.loading import (
+from tocalib.models.loading import (
     LoadReport,
     copy_matched,
     flat_state_dict,
@@ -23,6 +21,7 @@ from models.loading import (
     match_state_dict,
     read_checkpoint,
 )
+from torch import nn
 
 __all__ = ["load_mmengine_checkpoint"]
 
@@ -37,17 +36,17 @@ def load_mmengine_checkpoint(
     mmdet/mmseg).
 
     Args:
-        model: e.g. :class:`~models.heads.MaskRCNN` or :class:`~models.heads.EncoderDecoder`.
+        model: e.g. :class:`~tocalib.models.heads.MaskRCNN` or :class:`~tocalib.models.heads.EncoderDecoder`.
         checkpoint: the loaded checkpoint dict, or the path of a ``.pth`` file. A path is read by
-            :func:`models.loading.read_checkpoint`, which runs no code from the file: mmengine's pickled
+            :func:`tocalib.models.loading.read_checkpoint`, which runs no code from the file: mmengine's pickled
             metadata (``meta``, ``message_hub``, ``optimizer``) becomes inert records, listed in the
             report's ``foreign``, and mmengine need not be installed.
         strict: raise on any missing, unexpected or shape-mismatched key (listed in the error).
         skip_mismatched_clusters: keep the fresh initialisation of backbone cluster layers whose number of
-            clusters differs (see :func:`models.load_official_state_dict`).
+            clusters differs (see :func:`tocalib.models.load_official_state_dict`).
 
     Returns:
-        One :class:`~models.loading.LoadReport` with full (prefixed) key names.
+        One :class:`~tocalib.models.loading.LoadReport` with full (prefixed) key names.
     """
     children = dict(model.named_children())
     if "backbone" not in children:

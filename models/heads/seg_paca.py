@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tocalib.models.heads.common import ConvModule, check_features, resize, seg_cross_entropy
 from torch import Tensor, nn
 
-from models.heads.common import ConvModule, check_features, resize, seg_cross_entropy
 from tocalib import Assignment
 
 __all__ = ["PaCaSegHead"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tocalib.models.heads.common import resize
+from tocalib.models.heads.seg_paca import PaCaSegHead
+from tocalib.models.heads.uperhead import FCNHead, UPerHead
 from torch import Tensor, nn
-
-from models.heads.common import resize
-from models.heads.seg_paca import PaCaSegHead
-from models.heads.uperhead import FCNHead, UPerHead
 
 __all__ = ["EncoderDecoder", "paca_segmentor", "upernet_segmentor"]
 

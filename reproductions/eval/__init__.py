@@ -1,6 +1,6 @@
 """Accuracy of the released checkpoints: ImageNet top-1, ADE20k mIoU, COCO box/mask AP.
 
-:func:`evaluate_row` builds a row's model (:func:`reproductions.counting.build_row_model`), loads its checkpoint
+:func:`evaluate_row` builds a row's model (:func:`tocalib.reproductions.counting.build_row_model`), loads its checkpoint
 strictly and runs the task's evaluation on the dataset folder. Readers use Pillow and numpy only; the COCO metric
 needs pycocotools (``pip install pycocotools``), imported only when a COCO row is evaluated.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from models import load_official_state_dict
-from models.heads import EncoderDecoder, MaskRCNN, load_mmengine_checkpoint
-from reproductions.counting import build_row_model
-from reproductions.tables import Row, Section
+from tocalib.models import load_official_state_dict
+from tocalib.models.heads import EncoderDecoder, MaskRCNN, load_mmengine_checkpoint
+from tocalib.reproductions.counting import build_row_model
+from tocalib.reproductions.tables import Row, Section
 
 __all__ = ["DATA_LAYOUT", "check_eval_inputs", "evaluate_row"]
 
@@ -54,22 +54,22 @@ def evaluate_row(
 
     ``settings`` go to the task's ``evaluate`` (e.g. a smaller ``scale`` in tests); defaults are the paper's.
     ``allow_fewer_classes``: ImageNet folders for only the model's first classes (see
-    :func:`reproductions.eval.imagenet.evaluate`).
+    :func:`tocalib.reproductions.eval.imagenet.evaluate`).
     """
     model = build_row_model(section, row)
     if section.task == "classification":
-        from reproductions.eval import imagenet
+        from tocalib.reproductions.eval import imagenet
 
         load_official_state_dict(model, checkpoint)
         metrics = imagenet.evaluate(model, root, log=log, allow_fewer_classes=allow_fewer_classes, **settings)
     elif section.task == "segmentation":
-        from reproductions.eval import ade20k
+        from tocalib.reproductions.eval import ade20k
 
         assert isinstance(model, EncoderDecoder)
         load_mmengine_checkpoint(model, checkpoint)
         metrics = ade20k.evaluate(model, root, log=log, **settings)
     else:
-        from reproductions.eval import coco
+        from tocalib.reproductions.eval import coco
 
         assert isinstance(model, MaskRCNN)
         load_mmengine_checkpoint(model, checkpoint)

@@ -2,7 +2,7 @@
 
 mmdet 3.x's test setting for the released Mask R-CNN configs (PaCaViT@4307018 mask_rcnn_1x configs): resize keeping
 the aspect ratio
-into (1333, 800), pad to a multiple of 32 (done by :meth:`models.heads.MaskRCNN.predict`), 1000 proposals,
+into (1333, 800), pad to a multiple of 32 (done by :meth:`tocalib.models.heads.MaskRCNN.predict`), 1000 proposals,
 score threshold 0.05, NMS 0.5, 100 detections. Boxes are mapped back to the original image by the resize factors.
 Masks come from ``MaskRCNN.predict`` at the resized image's size and are resized bilinearly to the original size
 and thresholded at 0.5; mmdet instead pastes the 28×28 mask logits at the original size directly, so mask AP may
@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from models.heads import MaskRCNN
-from reproductions.eval.common import load_rgb, rescaled_size, to_input
+from tocalib.models.heads import MaskRCNN
+from tocalib.reproductions.eval.common import load_rgb, rescaled_size, to_input
 
 __all__ = ["METRICS", "coco_metrics", "evaluate", "to_coco_results"]
 

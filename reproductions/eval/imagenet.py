@@ -13,19 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tocalib.reproductions.train.data import ImageFolder, load_image
+from tocalib.reproductions.train.metrics import topk_correct
+from tocalib.reproductions.train.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_eval_transform
 from torch import nn
 from torch.utils.data import DataLoader
-
-from reproductions.train.data import ImageFolder, load_image
-from reproductions.train.metrics import topk_correct
-from reproductions.train.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_eval_transform
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "evaluate", "preprocess"]
 
 
 def preprocess(path: Path, crop: int = 224, crop_pct: float = 0.9) -> torch.Tensor:
     """One image file → normalised (3, crop, crop) tensor (timm's eval transform,
-    :func:`~reproductions.train.transforms.classification_eval_transform`)."""
+    :func:`~tocalib.reproductions.train.transforms.classification_eval_transform`)."""
     return classification_eval_transform(crop, crop_pct)(load_image(path))
 
 

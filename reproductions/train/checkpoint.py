@@ -5,7 +5,7 @@ Every random draw of the training pipeline (shuffling aside, which is seeded by 
 the augmentations of :mod:`.transforms`/:mod:`.seg_data`, drop path, dropout, mixup. Saving each rank's CPU and
 CUDA RNG state therefore makes a resumed run (same world size, ``workers=0``) repeat an uninterrupted one step for
 step. The file is written atomically (temporary file, then rename) by rank 0 and is read by
-:func:`models.loading.read_checkpoint`, which runs no code from the file.
+:func:`tocalib.models.loading.read_checkpoint`, which runs no code from the file.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from models.loading import read_checkpoint
-from reproductions.train.distributed import DistContext, all_gather_objects
+from tocalib.models.loading import read_checkpoint
+from tocalib.reproductions.train.distributed import DistContext, all_gather_objects
 
 __all__ = ["CHECKPOINT_VERSION", "load_checkpoint", "restore_rng_state", "rng_state", "save_checkpoint"]
 

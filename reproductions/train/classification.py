@@ -3,7 +3,7 @@ imagenet_vit_adamw.yml).
 
 Launch (one node, 8 GPUs; the defaults are the paper's settings)::
 
-    torchrun --nproc_per_node 8 -m reproductions.train.classification \\
+    torchrun --nproc_per_node 8 -m tocalib.reproductions.train.classification \\
         --data /data/imagenet --model pacavit_small_p2cconv_100_0 --out runs/paca_small
 
 ``--data`` holds ``train/<class>/<image>`` and ``val/<class>/<image>``. The recipe: AdamW (betas 0.9/0.999,
@@ -30,13 +30,10 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-
-from models import load_official_state_dict
-from reproductions.cli import command_line, create_from_options
-from reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from reproductions.train.config import (
+from tocalib.models import load_official_state_dict
+from tocalib.reproductions.cli import command_line, create_from_options
+from tocalib.reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from tocalib.reproductions.train.config import (
     AT_LEAST_ONE,
     BELOW_ONE,
     FRACTION,
@@ -48,12 +45,14 @@ from reproductions.train.config import (
     RunConfig,
     parse_config,
 )
-from reproductions.train.data import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
-from reproductions.train.distributed import DistContext, ShardSampler, all_reduce_sum, batches_per_epoch
-from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
-from reproductions.train.metrics import topk_correct
-from reproductions.train.optim import WarmupCosine, no_decay_groups, scaled_lr
-from reproductions.train.transforms import Mixup, classification_eval_transform, classification_train_transform
+from tocalib.reproductions.train.data import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
+from tocalib.reproductions.train.distributed import DistContext, ShardSampler, all_reduce_sum, batches_per_epoch
+from tocalib.reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
+from tocalib.reproductions.train.metrics import topk_correct
+from tocalib.reproductions.train.optim import WarmupCosine, no_decay_groups, scaled_lr
+from tocalib.reproductions.train.transforms import Mixup, classification_eval_transform, classification_train_transform
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["PRESETS", "ClassificationConfig", "ClassificationTask", "main", "soft_target_cross_entropy"]
 
@@ -322,5 +321,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
 
 
+def cli() -> int:
+    """The console script ``tocalib-train-classification``: :func:`main` on the process's arguments; the exit status."""
+    return command_line(main, "classification")
+
+
 if __name__ == "__main__":
-    sys.exit(command_line(main, "classification"))
+    sys.exit(cli())

@@ -28,15 +28,9 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import torch
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset
-
-from reproductions.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from reproductions.train.config import RunConfig, to_jsonable
-from reproductions.train.distributed import (
+from tocalib.reproductions.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from tocalib.reproductions.train.config import RunConfig, to_jsonable
+from tocalib.reproductions.train.distributed import (
     DistContext,
     ResumableSampler,
     all_reduce_sum,
@@ -44,6 +38,11 @@ from reproductions.train.distributed import (
     init_distributed,
     shutdown,
 )
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "Progress",

@@ -40,10 +40,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tocalib.reproductions.eval.ade20k import IGNORE, list_pairs, read_pair
+from tocalib.reproductions.eval.common import normalize, rescaled_size
 from torch.utils.data import Dataset
-
-from reproductions.eval.ade20k import IGNORE, list_pairs, read_pair
-from reproductions.eval.common import normalize, rescaled_size
 
 __all__ = [
     "TEXTURE_CLASSES",

@@ -2,7 +2,7 @@
 
 Launch (one node, 8 GPUs × 2 images; the defaults are the paper's settings)::
 
-    torchrun --nproc_per_node 8 -m reproductions.train.segmentation --head paca \\
+    torchrun --nproc_per_node 8 -m tocalib.reproductions.train.segmentation --head paca \\
         --backbone pacavit_small_p2cconv_100_0 --pretrained IMNET_224_paca_small.pth \\
         --data /data/ADEChallengeData2016 --out runs/ade_paca_small
 
@@ -29,15 +29,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-
-from models import load_official_state_dict
-from models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
-from models.paca_vit import model_config
-from reproductions.cli import command_line, create_from_options
-from reproductions.eval import ade20k
-from reproductions.train.config import (
+from tocalib.models import load_official_state_dict
+from tocalib.models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
+from tocalib.models.paca_vit import model_config
+from tocalib.reproductions.cli import command_line, create_from_options
+from tocalib.reproductions.eval import ade20k
+from tocalib.reproductions.train.config import (
     AT_LEAST_ONE,
     BELOW_ONE,
     NON_NEGATIVE,
@@ -47,11 +44,13 @@ from reproductions.train.config import (
     RunConfig,
     parse_config,
 )
-from reproductions.train.distributed import DistContext, ShardSampler
-from reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
-from reproductions.train.metrics import IoUAccumulator
-from reproductions.train.optim import WarmupPoly, custom_key_groups
-from reproductions.train.seg_data import TEXTURE_CLASSES, ADE20kTrain, TextureSegmentation
+from tocalib.reproductions.train.distributed import DistContext, ShardSampler
+from tocalib.reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
+from tocalib.reproductions.train.metrics import IoUAccumulator
+from tocalib.reproductions.train.optim import WarmupPoly, custom_key_groups
+from tocalib.reproductions.train.seg_data import TEXTURE_CLASSES, ADE20kTrain, TextureSegmentation
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "PAPER_CUSTOM_KEYS",
@@ -265,5 +264,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )
 
 
+def cli() -> int:
+    """The console script ``tocalib-train-segmentation``: :func:`main` on the process's arguments; the exit status."""
+    return command_line(main, "segmentation")
+
+
 if __name__ == "__main__":
-    sys.exit(command_line(main, "segmentation"))
+    sys.exit(cli())

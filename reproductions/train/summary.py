@@ -1,5 +1,5 @@
 """Summarise training runs from their ``metrics.jsonl`` and ``config.json``: ``python -m
-reproductions.train.summary RUN_DIR [RUN_DIR ...] [--out summary.md]``.
+tocalib.reproductions.train.summary RUN_DIR [RUN_DIR ...] [--out summary.md]``.
 
 For each run: the final and best evaluation metrics, the steps and epochs trained and the wall-clock time of the
 training (from the records' ``time``, summed over resumed segments); the JSON output also holds each run's config.

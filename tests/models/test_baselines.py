@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from tocalib.models import create_model
+from tocalib.models.pvt_v2 import SpatialReductionAttention
+from tocalib.models.swin import _merge_windows, _relative_position_index, _shift_mask, _windows
 
 from benchmarks import bench
-from models import create_model
-from models.pvt_v2 import SpatialReductionAttention
-from models.swin import _merge_windows, _relative_position_index, _shift_mask, _windows
 from tocalib.flops import count_macs
 
 PUBLISHED = {

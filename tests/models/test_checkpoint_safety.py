@@ -18,12 +18,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from models import StateDictMismatchError, create_model, load_official_state_dict
-from models.heads import load_mmengine_checkpoint, paca_segmentor
-from models.loading import ForeignObject, foreign_classes, read_checkpoint
-from models.viz_cli import main as viz_main
-from reproductions.train.checkpoint import CHECKPOINT_VERSION, load_checkpoint
+from tocalib.models import StateDictMismatchError, create_model, load_official_state_dict
+from tocalib.models.heads import load_mmengine_checkpoint, paca_segmentor
+from tocalib.models.loading import ForeignObject, foreign_classes, read_checkpoint
+from tocalib.models.viz_cli import main as viz_main
+from tocalib.reproductions.train.checkpoint import CHECKPOINT_VERSION, load_checkpoint
 
 TINY = "pacavit_tiny_p2cconv_100_0"
 SMALL = {"embed_dims": (16, 16, 16, 16), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models import StateDictMismatchError, create_model, list_models, load_official_state_dict
+from tocalib.models import StateDictMismatchError, create_model, list_models, load_official_state_dict
 
 Layout = dict[str, tuple[int, ...]]
 

@@ -1,5 +1,5 @@
 """Each accuracy path end to end: a tiny dataset in the standard layout, a checkpoint of random weights in the
-released format, :func:`reproductions.eval.evaluate_row`. Classifier biases are set so that the expected metric
+released format, :func:`tocalib.reproductions.eval.evaluate_row`. Classifier biases are set so that the expected metric
 is known exactly; small input sizes keep the tests fast."""
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from models import create_model
-from models.heads import paca_segmentor
-from reproductions.counting import build_row_model
-from reproductions.eval import ade20k, check_eval_inputs, evaluate_row
-from reproductions.eval.ade20k import NUM_CLASSES
-from reproductions.reproduce import main
-from reproductions.tables import load_table
+from tocalib.models import create_model
+from tocalib.models.heads import paca_segmentor
+from tocalib.reproductions.counting import build_row_model
+from tocalib.reproductions.eval import ade20k, check_eval_inputs, evaluate_row
+from tocalib.reproductions.eval.ade20k import NUM_CLASSES
+from tocalib.reproductions.reproduce import main
+from tocalib.reproductions.tables import load_table
 
 TINY = "pacavit_tiny_p2cconv_100_0"
 
@@ -139,8 +138,7 @@ def test_coco_results_of_the_ground_truth_score_100(tmp_path: Path, optional_mod
     pycocotools' polygon rasterisation by at most a pixel row, IoU > 0.95)."""
     optional_module("pycocotools", "COCO AP needs pycocotools (pip install tocalib[eval])")
     from pycocotools.coco import COCO
-
-    from reproductions.eval.coco import coco_metrics, to_coco_results
+    from tocalib.reproductions.eval.coco import coco_metrics, to_coco_results
 
     root = tmp_path / "coco"
     dataset = _coco_dataset(root)
@@ -193,7 +191,7 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
 
 
 def test_malformed_ade_folder_names_the_missing_annotation(tmp_path: Path) -> None:
-    from reproductions.eval.ade20k import list_pairs
+    from tocalib.reproductions.eval.ade20k import list_pairs
 
     root = tmp_path / "ADEChallengeData2016"
     _image(root / "images" / "validation" / "a.jpg", 8, 8, seed=0)

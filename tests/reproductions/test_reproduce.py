@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tocalib.models.heads.flops import mask_rcnn_macs, segmentor_macs
+from tocalib.reproductions.counting import CountingPool, build_row_model, official_fvcore_skips
+from tocalib.reproductions.report import RowResult
+from tocalib.reproductions.reproduce import main, reproduce_table
+from tocalib.reproductions.tables import TABLES, Number, load_table
 from torch import nn
-
-from models.heads.flops import mask_rcnn_macs, segmentor_macs
-from reproductions.counting import CountingPool, build_row_model, official_fvcore_skips
-from reproductions.report import RowResult
-from reproductions.reproduce import main, reproduce_table
-from reproductions.tables import TABLES, Number, load_table
 
 
 def test_table1_paca_tiny_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -108,7 +107,7 @@ def test_official_fvcore_skips_are_the_teacher_depthwise_convs() -> None:
 
 def test_a_bad_out_is_refused_before_any_row_is_counted(tmp_path: Path, monkeypatch, capsys) -> None:
     counted = []
-    monkeypatch.setattr("reproductions.reproduce.reproduce_table", lambda *a, **k: counted.append(a) or [])
+    monkeypatch.setattr("tocalib.reproductions.reproduce.reproduce_table", lambda *a, **k: counted.append(a) or [])
     (tmp_path / "file.txt").write_text("x")
     cases = ((tmp_path / "file.txt", "is a file, expected a folder"), (tmp_path / "file.txt" / "sub", "not a writable"))
     for out, message in cases:
@@ -126,7 +125,7 @@ def test_with_all_a_failing_table_is_reported_and_the_others_run(tmp_path: Path,
             raise RuntimeError("a broken row")
         return []
 
-    monkeypatch.setattr("reproductions.reproduce.reproduce_table", fake)
+    monkeypatch.setattr("tocalib.reproductions.reproduce.reproduce_table", fake)
     assert main(["all", "--out", str(tmp_path), "--workers", "1"]) == 1
     out = capsys.readouterr().out
     assert ran == list(TABLES) and "table2 failed: RuntimeError: a broken row; the other tables go on" in out

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from models import list_models
-from reproductions.counting import build_row_model, num_params
-from reproductions.report import check
-from reproductions.tables import TABLES, Number, TableFormatError, load_table
+from tocalib.models import list_models
+from tocalib.reproductions.counting import build_row_model, num_params
+from tocalib.reproductions.report import check
+from tocalib.reproductions.tables import TABLES, Number, TableFormatError, load_table
 
 ALL_ROWS = [(name, section, row) for name in TABLES for section, row in load_table(name).rows]
 IDS = [f"{name}-{section.id}-{row.model}-{row.head or ''}" for name, section, row in ALL_ROWS]

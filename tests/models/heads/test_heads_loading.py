@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models import StateDictMismatchError, create_model
-from models.heads import MaskRCNN, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
+from tocalib.models import StateDictMismatchError, create_model
+from tocalib.models.heads import MaskRCNN, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 
 DIMS = [96, 192, 320, 384]
 TINY = "pacavit_tiny_p2cconv_100_0"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tocalib.models.heads import FCNHead, PaCaSegHead, UPerHead, upernet_segmentor
+from tocalib.models.heads.common import IGNORE_INDEX
 
-from models.heads import FCNHead, PaCaSegHead, UPerHead, upernet_segmentor
-from models.heads.common import IGNORE_INDEX
 from tocalib.flops import count_macs
 
 DIMS = [96, 192, 320, 384]

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tocalib.models import create_model
+from tocalib.models.heads import EncoderDecoder, MaskRCNN, paca_segmentor, upernet_segmentor
+from tocalib.models.heads.flops import mask_rcnn_macs, segmentor_macs
 from torch import nn
-
-from models import create_model
-from models.heads import EncoderDecoder, MaskRCNN, paca_segmentor, upernet_segmentor
-from models.heads.flops import mask_rcnn_macs, segmentor_macs
 
 # (registered backbone, README params in M, README GFLOPs) — README "MS-COCO trained Mask R-CNN weights"
 COCO = [
@@ -135,7 +134,7 @@ def test_ade_flops(head: str, name: str, readme_params: float, readme_flops: flo
 @pytest.mark.parametrize(("name", "readme_params", "readme_flops"), COCO, ids=[r[0] for r in COCO])
 def test_coco_flops(name: str, readme_params: float, readme_flops: float) -> None:
     """1280×800, 1000 proposals into the box head, 100 RoIs into the mask head, transposed convolutions per
-    output position (``convention="paper"``, see :mod:`models.heads.flops`); fvcore's own rule misses by ~6%."""
+    output position (``convention="paper"``, see :mod:`tocalib.models.heads.flops`); fvcore's own rule misses by ~6%."""
     counts = mask_rcnn_macs(build_detector(name), (1280, 800), "paper")
     _check_flops(counts["total"], readme_flops)
     positions = 320 * 200 + 160 * 100 + 80 * 50 + 40 * 25 + 20 * 13  # P2–P6 at 1280×800

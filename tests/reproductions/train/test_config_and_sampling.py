@@ -12,12 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tocalib.reproductions.train.classification import ClassificationConfig
+from tocalib.reproductions.train.config import parse_config, to_jsonable
+from tocalib.reproductions.train.distributed import DistContext, ResumableSampler, ShardSampler, batches_per_epoch
+from tocalib.reproductions.train.segmentation import SegmentationConfig
 from torch.utils.data import DataLoader
-
-from reproductions.train.classification import ClassificationConfig
-from reproductions.train.config import parse_config, to_jsonable
-from reproductions.train.distributed import DistContext, ResumableSampler, ShardSampler, batches_per_epoch
-from reproductions.train.segmentation import SegmentationConfig
 
 
 @dataclass
@@ -180,8 +179,8 @@ def test_configs_rebuilt_from_their_json_pass_and_bad_lists_are_named(tmp_path: 
 
 
 def test_the_training_command_lines_end_user_errors_in_one_line(tmp_path: Path, capsys) -> None:
-    from reproductions.cli import command_line
-    from reproductions.train import classification
+    from tocalib.reproductions.cli import command_line
+    from tocalib.reproductions.train import classification
 
     status = command_line(classification.main, "classification", ["--data", str(tmp_path / "nowhere")])
     error = capsys.readouterr().err.strip()

@@ -16,8 +16,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from reproductions.train.metrics import IoUAccumulator
+from tocalib.reproductions.train.metrics import IoUAccumulator
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -148,7 +147,7 @@ _RANK_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     import torch.distributed as dist
-    from reproductions.train.metrics import IoUAccumulator
+    from tocalib.reproductions.train.metrics import IoUAccumulator
 
     rank, store = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

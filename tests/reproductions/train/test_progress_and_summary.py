@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from reproductions.train.distributed import DistContext
-from reproductions.train.engine import Progress, RunLog
-from reproductions.train.summary import main, summarise
+from tocalib.reproductions.train.distributed import DistContext
+from tocalib.reproductions.train.engine import Progress, RunLog
+from tocalib.reproductions.train.summary import main, summarise
 
 
 class Terminal(io.StringIO):

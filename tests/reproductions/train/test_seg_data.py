@@ -13,9 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
-
-from reproductions.eval.common import MMCV_MEAN, MMCV_STD, rescaled_size
-from reproductions.train.seg_data import (
+from tocalib.reproductions.eval.common import MMCV_MEAN, MMCV_STD, rescaled_size
+from tocalib.reproductions.train.seg_data import (
     TEXTURE_CLASSES,
     TEXTURE_ROWS,
     ADE20kTrain,

@@ -32,7 +32,7 @@ def _image_folder(root: Path, per_class: dict[str, int]) -> None:
 
 def _torchrun(out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "reproductions.train.classification", "--data", str(data), "--out", str(out)]
+    command += ["-m", "tocalib.reproductions.train.classification", "--data", str(data), "--out", str(out)]
     command += ["--model-kwargs", json.dumps(TINY), "--img-size", "32", "--batch-size", "2", "--eval-batch-size", "4"]
     command += ["--epochs", "2", "--warmup-epochs", "1", "--workers", "0", "--log-every", "1", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -13,9 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
-
-from reproductions.eval.imagenet import preprocess
-from reproductions.train.transforms import (
+from tocalib.reproductions.eval.imagenet import preprocess
+from tocalib.reproductions.train.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RAND_AUGMENT_OPS,
