@@ -150,8 +150,8 @@ def _check_assignment(assignment: Tensor, keep: Tensor | None) -> None:
             raise ValueError(
                 f"assignment must hold, per cluster, weights >= 0 that sum to 1 over the real tokens (a softmax over "
                 f"the token axis), got a minimum of {float(lowest):.3g} and row sums from {float(sums.min()):.3g} "
-                f"to {float(sums.max()):.3g}; normalise with logits.softmax(-1), or set layer.check_assignment = "
-                "False to skip this check"
+                f"to {float(sums.max()):.3g}; build it with tocalib.Assignment.from_logits(logits, "
+                "keep=~key_padding_mask), or set layer.check_assignment = False to skip this check"
             )
 
 

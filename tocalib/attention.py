@@ -142,6 +142,11 @@ class ToCaAttention(nn.Module):
             self.clustering = build_clustering(clustering, dim, num_clusters, **factory, **kwargs)
         else:
             self.clustering = None
+        if causal and getattr(self.clustering, "hard", False):
+            raise ValueError(
+                "causal=True needs a soft clustering: a hard one pools each cluster's members by scatter over the "
+                "whole sequence, while a causal layer renormalises soft logits per prefix; use clustering='mlp'"
+            )
         if causal and self.clustering is not None and not getattr(self.clustering, "causal_safe", False):
             raise ValueError(
                 f"causal=True needs a clustering whose logit for token s uses only tokens <= s, got {clustering!r}; "

@@ -20,6 +20,7 @@ per prefix, so a causal stack stays causal (∂y_t/∂x_s = 0 for s > t).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -259,7 +260,9 @@ class ToCaStack(nn.Module):
     teacher, if any, is ``stack.teacher``.
 
     Args:
-        dim, num_heads, num_clusters, clustering: every block's (a block that reuses gets no clustering).
+        dim, num_heads, num_clusters, clustering: every block's (a block that reuses gets no clustering); a
+            clustering module instance is copied for each block that clusters, as ``nn.TransformerEncoder``
+            copies its layer.
         depth: number of blocks.
         share: ``"block"`` (the default without a teacher), ``"stage"``, an int k ≥ 1 (cluster in blocks 0, k,
             2k, …) or ``"given"``; None with a teacher (the policy is then ``"teacher"``).
@@ -299,23 +302,31 @@ class ToCaStack(nn.Module):
     ) -> None:
         super().__init__()
         depth = check_int("depth", depth, 1)
+        num_clusters = check_int("num_clusters", num_clusters, 0)
         self.share = _check_share(share, teacher)
         self.num_clusters, self.causal = num_clusters, causal
         rates = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
         if len(rates) != depth:
             raise ValueError(f"drop_path must be one rate or one per block ({depth}), got {len(rates)}")
         if teacher is not None:
-            _check_teacher(teacher, depth, num_clusters, causal)
+            _check_teacher(teacher, dim, depth, num_clusters, causal)
             self.teacher = teacher
         else:
             self.teacher = None
         self.depth = depth
         for j in range(depth):
             owns = self.computes_assignment(j)
-            block = block_layer(
-                dim, num_heads, num_clusters, clustering if owns else None, causal=causal, drop_path=rates[j],
-                device=device, dtype=dtype, **block_kwargs,
-            )  # fmt: skip
+            own = (copy.deepcopy(clustering) if isinstance(clustering, nn.Module) else clustering) if owns else None
+            try:
+                block = block_layer(
+                    dim, num_heads, num_clusters, own, causal=causal, drop_path=rates[j], device=device, dtype=dtype,
+                    **block_kwargs,
+                )  # fmt: skip
+            except TypeError as err:
+                raise TypeError(
+                    f"{err} (ToCaStack passes its other keyword arguments to {block_layer.__name__}; the attention's "
+                    "own, such as clustering_kwargs, go in attention_kwargs={...})"
+                ) from err
             if not owns and not (j == 0 and self.share == "given"):
                 block.attn.check_assignment = False  # it reuses what block 0 checked, or built normalised
             self.add_module(str(j), block)
@@ -384,7 +395,7 @@ class ToCaStack(nn.Module):
         """The teacher's assignments for x, one per group of blocks, each over x's N tokens."""
         groups = self.teacher(x, size=size, key_padding_mask=key_padding_mask).assignments
         for g, group in enumerate(groups):
-            if group.shape[-1] != x.shape[1]:
+            if group is not None and group.shape[-1] != x.shape[1]:
                 raise ValueError(
                     f"the teacher's assignment {g} covers {group.shape[-1]} tokens, but the stack's input has "
                     f"{x.shape[1]}: a stack's teacher must cluster its own tokens (a hierarchical teacher, such as a "
@@ -423,10 +434,15 @@ def _check_share(share: str | int | None, teacher: AssignmentProvider | None) ->
     return "block" if share == 1 else share
 
 
-def _check_teacher(teacher: AssignmentProvider, depth: int, num_clusters: int, causal: bool) -> None:
-    """A stack's teacher must fit its blocks: M per group, groups that divide the depth, causality."""
+def _check_teacher(teacher: AssignmentProvider, dim: int, depth: int, num_clusters: int, causal: bool) -> None:
+    """A stack's teacher must fit its blocks: its width, M per group, groups that divide the depth, causality."""
     if not isinstance(teacher, AssignmentProvider):
         raise TypeError(f"teacher must be a tocalib.providers.AssignmentProvider, got {type(teacher).__name__}")
+    width = getattr(teacher, "dim", None) or getattr(teacher, "embed_dims", (dim,))[0]
+    if width != dim:
+        raise ValueError(
+            f"the teacher reads tokens of width {width}, but the stack's dim is {dim}: build it with {dim}"
+        )
     groups = teacher.num_clusters
     if depth % len(groups):
         raise ValueError(

@@ -188,7 +188,8 @@ class _Call(nn.Module):
     def __init__(self, module: nn.Module, kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.module = module
-        self.kwargs = kwargs
+        # the tracer bakes keyword arguments in as constants, which it refuses for tensors that require grad
+        self.kwargs = {k: v.detach() if callable(getattr(v, "detach", None)) else v for k, v in kwargs.items()}
 
     def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
         return tuple(_tensors(self.module(*args, **self.kwargs)))
@@ -249,8 +250,9 @@ def count_macs(
     handles: Mapping[str, Callable[[list[Any], list[Any]], Any]] | None = None,
     **kwargs: Any,
 ) -> int:
-    """Measured MACs of ``module(*args, **kwargs)`` (fvcore plus tocalib's handles), e.g.
-    ``count_macs(model.eval(), torch.ones(1, 3, 224, 224))``. See :func:`mac_analysis`."""
+    """Measured MACs of ``module(*args, **kwargs)`` (fvcore plus tocalib's handles) for the whole batch, e.g.
+    ``count_macs(model.eval(), torch.ones(1, 3, 224, 224))`` (the ``macs(N)`` methods count one sequence).
+    See :func:`mac_analysis`."""
     return int(mac_analysis(module, *args, not_macs=not_macs, handles=handles, **kwargs).total())
 
 

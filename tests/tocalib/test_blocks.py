@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import tocalib.pooling
-from tocalib import Assignment, Conv1dTeacher, Conv2dTeacher, ToCaBlock, ToCaStack
+from tocalib import Assignment, Conv1dClustering, Conv1dTeacher, Conv2dTeacher, ToCaBlock, ToCaStack
 from tocalib.blocks import DWConvMlp, Mlp
 
 DIM = 16
@@ -198,3 +198,26 @@ def test_a_multi_level_teacher_feeds_a_stack_only_on_its_own_tokens():
     model = ToCaStack(DIM, 2, 2, 4, teacher=teacher, mlp_layer=DWConvMlp)
     with pytest.raises(ValueError, match="must cluster its own tokens"):
         model(torch.randn(1, 16, DIM), size=(4, 4))
+
+
+def test_a_clustering_module_is_copied_for_every_block_that_clusters():
+    clustering = Conv1dClustering(DIM, 4, causal=True)
+    model = ToCaStack(DIM, 3, 2, 4, clustering=clustering, share=2)
+    owners = [block.attn.clustering for block in model if block.computes_assignment]
+    assert len(owners) == 2 and owners[0] is not owners[1] and clustering not in owners
+    torch.testing.assert_close(owners[1].clustering[0].weight, clustering.clustering[0].weight)
+    with pytest.raises(TypeError, match="attention_kwargs"):
+        ToCaStack(DIM, 2, 2, 4, clustering_kwargs={"hidden_dim": 8})
+    with pytest.raises(ValueError, match="width 8, but the stack's dim is 16"):
+        ToCaStack(DIM, 2, 2, 4, teacher=Conv1dTeacher(8, 4))
+    with pytest.raises(TypeError, match="num_clusters must be an int"):
+        ToCaStack(DIM, 2, 2, (4, 4), teacher=Conv1dTeacher(DIM, (4, 4)))
+    assert ToCaStack(DIM, 2, 2, 0, teacher=Conv1dTeacher(DIM, 0))(torch.randn(1, 5, DIM)).shape == (1, 5, DIM)
+
+
+def test_measured_macs_take_assignments_that_require_grad():
+    flops = pytest.importorskip("tocalib.flops")
+    model = stack(share="given", clustering=None)
+    x = torch.randn(1, 10, DIM)
+    given = Assignment.from_logits(torch.randn(1, 4, 10, requires_grad=True))
+    assert flops.count_macs(model, x, assignment=given) == model.macs(10)
