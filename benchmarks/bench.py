@@ -42,8 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tocalib.models import create_model
-from tocalib.models.pvt_v2 import SpatialReductionAttention
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
@@ -51,6 +49,8 @@ from tqdm import tqdm
 from benchmarks.common import Target
 from tocalib import ToCaAttention, flops
 from tocalib.flops import toca_macs
+from tocalib.models import create_model
+from tocalib.models.pvt_v2 import SpatialReductionAttention
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from torch import nn
+
 from tocalib.models import paca_vit, pvt_v2, swin  # noqa: F401  (importing a family registers its models)
 from tocalib.models._registry import get_model_factory, list_models, register_model
 from tocalib.models.loading import LoadReport, StateDictMismatchError, load_official_state_dict
-from torch import nn
 
 __all__ = [
     "LoadReport",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import re
 import types
 import warnings
 import zipfile
@@ -33,6 +32,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, _weights_only_unpickler, nn
+
+from tocalib import cluster_parameter_names
 
 __all__ = [
     "ForeignObject",
@@ -46,8 +47,6 @@ __all__ = [
     "read_checkpoint",
     "unwrap_state_dict",
 ]
-
-_CLUSTER_LAYER = re.compile(r"(^|\.)attn\.clustering\.clustering\.\d+\.(weight|bias)$|^paca_teacher\.to_clusters\d+\.")
 
 
 class StateDictMismatchError(ValueError):
@@ -302,6 +301,7 @@ def match_state_dict(
 ) -> LoadReport:
     """Compare ``state`` with ``model``'s keys and shapes, copying nothing (see :func:`copy_matched`)."""
     own = model.state_dict()
+    clusters = cluster_parameter_names(model)
     report = LoadReport()
     if reset_head or getattr(model, "head", True) is None:  # a headless model ignores a classifier's head
         report.ignored = sorted(k for k in state if k.startswith("head."))
@@ -312,7 +312,7 @@ def match_state_dict(
     for key in sorted(k for k in state if k in own and k not in report.ignored):
         if state[key].shape == own[key].shape:
             report.loaded.append(key)
-        elif skip_mismatched_clusters and _CLUSTER_LAYER.search(key):
+        elif skip_mismatched_clusters and key in clusters:
             report.skipped_clusters.append(key)
         else:
             report.mismatched.append((key, tuple(state[key].shape), tuple(own[key].shape)))
@@ -324,7 +324,7 @@ def copy_matched(model: nn.Module, state: Mapping[str, Tensor], report: LoadRepo
     unexpected or mismatched key raises :class:`StateDictMismatchError` (listing them all) before anything is
     copied. Cluster layers skipped on purpose are named in a warning."""
     if strict and (report.missing or report.unexpected or report.mismatched):
-        raise StateDictMismatchError(_describe(report))
+        raise StateDictMismatchError(_describe(report, cluster_parameter_names(model)))
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     if report.skipped_clusters:
         warnings.warn(
@@ -368,7 +368,7 @@ def load_official_state_dict(
     return report
 
 
-def _describe(report: LoadReport) -> str:
+def _describe(report: LoadReport, clusters: set[str]) -> str:
     lines = ["the checkpoint does not match the model:"]
     if report.missing:
         lines.append(f"  missing in the checkpoint ({len(report.missing)}): {report.missing}")
@@ -377,7 +377,7 @@ def _describe(report: LoadReport) -> str:
     if report.mismatched:
         shapes = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in report.mismatched]
         lines.append(f"  shape mismatch ({len(shapes)}): {shapes}")
-        if any(_CLUSTER_LAYER.search(k) for k, _, _ in report.mismatched):
+        if any(k in clusters for k, _, _ in report.mismatched):
             lines.append(
                 "  cluster layers differ: if you changed num_clusters on purpose (a downstream override), pass "
                 "skip_mismatched_clusters=True"

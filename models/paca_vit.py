@@ -38,15 +38,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tocalib import ToCaBlock, ToCaStack
+from tocalib.blocks import DWConvMlp
 from tocalib.models._layers import init_weights
 from tocalib.models._registry import register_model
 from tocalib.models.loading import load_official_state_dict
 from tocalib.models.teacher import ConvMixerFPNTeacher
-from torch import Tensor, nn
-
-from tocalib import ToCaBlock, ToCaStack
-from tocalib._checks import check_int
-from tocalib.blocks import DWConvMlp
+from tocalib.validation import check_int
 
 __all__ = ["Downsample", "LayerNorm2d", "PaCaBlock", "PaCaViT", "model_config"]
 

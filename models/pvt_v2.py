@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.functional as F
-from tocalib.models._layers import MeanPoolClassifier, init_weights
-from tocalib.models._registry import register_model
 from torch import Tensor, nn
 
-from tocalib._checks import check_int
+from tocalib.models._layers import MeanPoolClassifier, init_weights
+from tocalib.models._registry import register_model
+from tocalib.validation import check_int
 
 __all__ = ["PyramidVisionTransformerV2", "SpatialReductionAttention"]
 

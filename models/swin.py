@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tocalib.models._layers import MeanPoolClassifier, init_weights
-from tocalib.models._registry import register_model
 from torch import Tensor, nn
 
-from tocalib._checks import check_int
+from tocalib.models._layers import MeanPoolClassifier, init_weights
+from tocalib.models._registry import register_model
+from tocalib.validation import check_int
 
 __all__ = ["SwinTransformer", "WindowAttention"]
 

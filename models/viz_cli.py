@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tocalib.models import create_model, list_models
 
+from tocalib.models import create_model, list_models
 from tocalib.viz import save_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

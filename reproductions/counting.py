@@ -38,15 +38,15 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
+from tocalib.flops import mac_analysis
 from tocalib.models import create_model
 from tocalib.models.heads import MaskRCNN, paca_segmentor, upernet_segmentor
 from tocalib.models.heads.flops import NOT_MACS as DETECTION_NOT_MACS
 from tocalib.models.heads.flops import mask_rcnn_macs
-from tocalib.reproductions.tables import Row, Section
-from torch import Tensor, nn
-
-from tocalib.flops import mac_analysis
 from tocalib.providers import ConvMixerLayer
+from tocalib.reproductions.tables import Row, Section
 
 __all__ = [
     "Count",
@@ -87,8 +87,10 @@ SKIPPED = "skipped_by_official_fvcore"
 
 def official_fvcore_skips(model: nn.Module) -> list[str]:
     """Names of the modules whose MACs fvcore skipped in the official code: the depthwise k×k convolution of
-    every teacher ConvMixer layer (``…paca_teacher.{block,fpn}….0.fn.0``), built there with ``padding="same"``."""
-    return [f"{name}.0.fn.0" for name, module in model.named_modules() if isinstance(module, ConvMixerLayer)]
+    every teacher ConvMixer layer (:attr:`~tocalib.providers.ConvMixerLayer.depthwise`), built there with
+    ``padding="same"``."""
+    convs = {id(layer.depthwise) for layer in model.modules() if isinstance(layer, ConvMixerLayer)}
+    return [name for name, module in model.named_modules() if id(module) in convs]
 
 
 def _traced_parts(model: nn.Module, image: Tensor, not_macs: tuple[str, ...] = (), split: Sequence[str] = ()) -> dict:

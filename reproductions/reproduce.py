@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
 from tocalib.reproductions.cli import USER_ERRORS
 from tocalib.reproductions.counting import CountingPool
 from tocalib.reproductions.eval import check_eval_inputs, evaluate_row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,11 +43,13 @@ for index, block in enumerate(blocks):
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
 def test_the_wheel_installs_in_a_fresh_venv_and_runs_the_readme_outside_the_repository(tmp_path):
-    root = README.parent
-    wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
+    source, wheels, venv, elsewhere = (tmp_path / name for name in ("source", "wheels", "venv", "elsewhere"))
     elsewhere.mkdir()
+    # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+    skip = shutil.ignore_patterns(".git", ".venv", ".ci-venv", ".nox", "build", "outputs", "*.egg-info", "__pycache__")
+    shutil.copytree(README.parent, source, ignore=skip)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(root)], check=True)
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)], check=True)
     (wheel,) = wheels.glob("tocalib-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"

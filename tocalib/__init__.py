@@ -1,7 +1,7 @@
 """tocalib: token-to-cluster attention (ToCa) layers, after PaCa-ViT (CVPR 2023)."""
 
 from tocalib.attention import ToCaAttention, ToCaIntermediates
-from tocalib.blocks import ToCaBlock, ToCaStack
+from tocalib.blocks import ToCaBlock, ToCaStack, cluster_parameter_names
 from tocalib.clustering import (
     Clustering,
     Conv1dClustering,
@@ -44,6 +44,7 @@ __all__ = [
     "ToCaStack",
     "build_clustering",
     "build_provider",
+    "cluster_parameter_names",
     "list_clusterings",
     "list_providers",
     "register_clustering",

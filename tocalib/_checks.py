@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,22 +24,6 @@ _NOT_SCRIPTABLE = (
     "{} cannot be compiled by torch.jit.script (TorchScript lacks the Python it uses); use torch.compile for "
     "speed, or torch.export / torch.onnx.export(dynamo=True) for deployment"
 )
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """``value`` as an int of at least ``minimum`` (Python and numpy ints; not bools, floats or strings),
-    else a TypeError or ValueError that names ``name``."""
-    if isinstance(value, torch.SymInt):  # a symbolic size under torch.export / compile: keep it symbolic
-        return value
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {number}")
-    return number
 
 
 def _check_tokens(name: str, t: Tensor, dim: int, hint: str = _LAYOUT_HINT) -> None:

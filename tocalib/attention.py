@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib._checks import _NOT_SCRIPTABLE, check_forward, check_int, check_step
+from tocalib._checks import _NOT_SCRIPTABLE, check_forward, check_step
 from tocalib.causal import (
     ClusterState,
     KVCache,
@@ -39,6 +39,7 @@ from tocalib.causal import (
 from tocalib.clustering import build_clustering
 from tocalib.packing import pack, unpack
 from tocalib.pooling import Assignment
+from tocalib.validation import check_int
 
 __all__ = ["ToCaAttention", "ToCaIntermediates"]
 

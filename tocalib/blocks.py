@@ -29,12 +29,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from tocalib._checks import check_int
 from tocalib.attention import ToCaAttention, ToCaIntermediates
 from tocalib.pooling import Assignment
 from tocalib.providers import AssignmentProvider
+from tocalib.validation import check_int
 
-__all__ = ["DWConvMlp", "DropPath", "Mlp", "ToCaBlock", "ToCaStack"]
+__all__ = ["DWConvMlp", "DropPath", "Mlp", "ToCaBlock", "ToCaStack", "cluster_parameter_names"]
 
 Factory = dict[str, Any]
 
@@ -457,3 +457,21 @@ def _check_teacher(teacher: AssignmentProvider, dim: int, depth: int, num_cluste
             f"a {'causal' if causal else 'non-causal'} stack needs {needs}, got {type(teacher).__name__} with "
             f"causal={teacher.causal}; build the teacher with causal={causal}"
         )
+
+
+def cluster_parameter_names(module: nn.Module) -> set[str]:
+    """The state-dict names of ``module``'s parameters whose shape follows a number of clusters: the output layers
+    of every :class:`~tocalib.ToCaAttention`'s clustering and every provider's cluster heads (those whose leading
+    dimension is their M). They are what must be re-initialised when a checkpoint meets a model built with other
+    ``num_clusters`` (PaCa-ViT's downstream override)."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, ToCaAttention) and sub.clustering is not None:
+            owner, counts = f"{prefix}.clustering" if prefix else "clustering", {sub.num_clusters}
+            params = sub.clustering.named_parameters()
+        elif isinstance(sub, AssignmentProvider):
+            owner, counts, params = prefix, set(sub.num_clusters) - {0}, sub.named_parameters()
+        else:
+            continue
+        names.update(f"{owner}.{name}".lstrip(".") for name, p in params if p.dim() and p.shape[0] in counts)
+    return names

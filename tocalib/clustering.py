@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib._checks import check_int
 from tocalib._registry import Registry
 from tocalib.pooling import SCATTER_BACKENDS
+from tocalib.validation import check_int
 
 __all__ = [
     "Clustering",

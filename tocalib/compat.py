@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib._checks import _NOT_SCRIPTABLE, check_int
+from tocalib._checks import _NOT_SCRIPTABLE
 from tocalib.causal import ClusterState, KVCache, Projections, causal_toca, causal_toca_step, full_attention_step
 from tocalib.clustering import build_clustering
 from tocalib.pooling import Assignment
+from tocalib.validation import check_int
 
 __all__ = ["ToCaMultiheadAttention"]
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib._checks import check_int
 from tocalib._registry import Registry
 from tocalib.pooling import Assignment
+from tocalib.validation import check_int
 
 __all__ = [
     "AssignmentProvider",
@@ -245,6 +245,11 @@ class ConvMixerLayer(nn.Sequential):
             nn.GELU(),
             nn.BatchNorm2d(dim, **factory),
         )
+
+    @property
+    def depthwise(self) -> nn.Conv2d:
+        """The depthwise k×k convolution."""
+        return self[0].fn[0]
 
 
 class BlurConv2d(nn.Module):

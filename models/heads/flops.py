@@ -41,10 +41,10 @@ from collections import Counter
 from typing import Any, Literal
 
 import torch
-from tocalib.models.heads.mask_rcnn import MaskRCNN
 from torch import Tensor, nn
 
 from tocalib.flops import count_macs
+from tocalib.models.heads.mask_rcnn import MaskRCNN
 
 __all__ = ["mask_rcnn_macs", "segmentor_macs", "transposed_conv_per_output_macs"]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch.nn.functional as F
-from tocalib.models.heads.common import ConvModule, check_features
 from torch import Tensor, nn
+
+from tocalib.models.heads.common import ConvModule, check_features
 
 __all__ = ["FPN"]
 

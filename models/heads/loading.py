@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from torch import nn
+
 from tocalib.models.loading import (
     LoadReport,
     copy_matched,
@@ -21,7 +23,6 @@ from tocalib.models.loading import (
     match_state_dict,
     read_checkpoint,
 )
-from torch import nn
 
 __all__ = ["load_mmengine_checkpoint"]
 

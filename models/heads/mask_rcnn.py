@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from tocalib.models.heads.common import ConvModule
 from tocalib.models.heads.fpn import FPN
 from tocalib.models.heads.ops import batched_nms, decode_deltas, grid_anchors, roi_align
-from torch import Tensor, nn
 
 __all__ = ["FCNMaskHead", "MaskRCNN", "MaskRCNNTestConfig", "RPNHead", "RoIHead", "Shared2FCBBoxHead"]
 

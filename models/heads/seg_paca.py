@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tocalib.models.heads.common import ConvModule, check_features, resize, seg_cross_entropy
 from torch import Tensor, nn
 
 from tocalib import Assignment
+from tocalib.models.heads.common import ConvModule, check_features, resize, seg_cross_entropy
 
 __all__ = ["PaCaSegHead"]
 

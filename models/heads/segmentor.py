@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import Tensor, nn
+
 from tocalib.models.heads.common import resize
 from tocalib.models.heads.seg_paca import PaCaSegHead
 from tocalib.models.heads.uperhead import FCNHead, UPerHead
-from torch import Tensor, nn
 
 __all__ = ["EncoderDecoder", "paca_segmentor", "upernet_segmentor"]
 

@@ -6,8 +6,9 @@ import itertools
 from collections.abc import Sequence
 
 import torch
-from tocalib.models.heads.common import ConvModule, check_features, resize, seg_cross_entropy
 from torch import Tensor, nn
+
+from tocalib.models.heads.common import ConvModule, check_features, resize, seg_cross_entropy
 
 __all__ = ["FCNHead", "UPerHead"]
 

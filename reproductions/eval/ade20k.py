@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
 from tocalib.models.heads import EncoderDecoder
 from tocalib.reproductions.eval.common import load_rgb, rescaled_size, to_input
 from tocalib.reproductions.train.metrics import IoUAccumulator
-from torch import Tensor
-from torch.utils.data import Dataset
 
 __all__ = ["NUM_CLASSES", "ADE20kVal", "evaluate", "list_pairs", "load_labels", "read_pair"]
 

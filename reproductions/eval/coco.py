@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from tocalib.models.heads import MaskRCNN
 from tocalib.reproductions.eval.common import load_rgb, rescaled_size, to_input
 

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
 from tocalib.reproductions.train.data import ImageFolder, load_image
 from tocalib.reproductions.train.metrics import topk_correct
 from tocalib.reproductions.train.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_eval_transform
-from torch import nn
-from torch.utils.data import DataLoader
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "evaluate", "preprocess"]
 

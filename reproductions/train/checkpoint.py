@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tocalib.models.loading import read_checkpoint
 from tocalib.reproductions.train.distributed import DistContext, all_gather_objects
 

@@ -30,6 +30,9 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
 from tocalib.models import load_official_state_dict
 from tocalib.reproductions.cli import command_line, create_from_options
 from tocalib.reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
@@ -51,8 +54,6 @@ from tocalib.reproductions.train.engine import RunLog, evaluate_only, run_traini
 from tocalib.reproductions.train.metrics import topk_correct
 from tocalib.reproductions.train.optim import WarmupCosine, no_decay_groups, scaled_lr
 from tocalib.reproductions.train.transforms import Mixup, classification_eval_transform, classification_train_transform
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["PRESETS", "ClassificationConfig", "ClassificationTask", "main", "soft_target_cross_entropy"]
 

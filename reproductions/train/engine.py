@@ -28,6 +28,12 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
+
 from tocalib.reproductions.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from tocalib.reproductions.train.config import RunConfig, to_jsonable
 from tocalib.reproductions.train.distributed import (
@@ -38,11 +44,6 @@ from tocalib.reproductions.train.distributed import (
     init_distributed,
     shutdown,
 )
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "Progress",

@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
 from tocalib.reproductions.eval.ade20k import IGNORE, list_pairs, read_pair
 from tocalib.reproductions.eval.common import normalize, rescaled_size
-from torch.utils.data import Dataset
 
 __all__ = [
     "TEXTURE_CLASSES",

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
 from tocalib.models import load_official_state_dict
 from tocalib.models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 from tocalib.models.paca_vit import model_config
@@ -49,8 +52,6 @@ from tocalib.reproductions.train.engine import RunLog, evaluate_only, run_traini
 from tocalib.reproductions.train.metrics import IoUAccumulator
 from tocalib.reproductions.train.optim import WarmupPoly, custom_key_groups
 from tocalib.reproductions.train.seg_data import TEXTURE_CLASSES, ADE20kTrain, TextureSegmentation
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "PAPER_CUSTOM_KEYS",

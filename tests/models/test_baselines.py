@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from tocalib.models import create_model
-from tocalib.models.pvt_v2 import SpatialReductionAttention
-from tocalib.models.swin import _merge_windows, _relative_position_index, _shift_mask, _windows
 
 from benchmarks import bench
 from tocalib.flops import count_macs
+from tocalib.models import create_model
+from tocalib.models.pvt_v2 import SpatialReductionAttention
+from tocalib.models.swin import _merge_windows, _relative_position_index, _shift_mask, _windows
 
 PUBLISHED = {
     # name: (params in M, GMACs at 224², both to the published rounding of one decimal)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tocalib.models import StateDictMismatchError, create_model, load_official_state_dict
 from tocalib.models.heads import load_mmengine_checkpoint, paca_segmentor
 from tocalib.models.loading import ForeignObject, foreign_classes, read_checkpoint

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tocalib.models import StateDictMismatchError, create_model, list_models, load_official_state_dict
 
 Layout = dict[str, tuple[int, ...]]

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
+from tocalib.flops import count_macs
 from tocalib.models import create_model, list_models
 from tocalib.models.paca_vit import PaCaViT
 from tocalib.models.viz_cli import main as viz_main
-
-from tocalib.flops import count_macs
 
 # params and fvcore GMACs computed by running PaCaViT@4307018's models/paca_vit.py at 1×3×224×224
 REFERENCE = {

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tocalib.models import create_model
 from tocalib.models.teacher import ConvMixerFPNTeacher
-
 from tocalib.providers import BlurConv2d
 
 DIMS = (8, 16, 24, 32)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from tocalib.models import create_model
 from tocalib.models.heads import paca_segmentor
 from tocalib.reproductions.counting import build_row_model
@@ -138,6 +139,7 @@ def test_coco_results_of_the_ground_truth_score_100(tmp_path: Path, optional_mod
     pycocotools' polygon rasterisation by at most a pixel row, IoU > 0.95)."""
     optional_module("pycocotools", "COCO AP needs pycocotools (pip install tocalib[eval])")
     from pycocotools.coco import COCO
+
     from tocalib.reproductions.eval.coco import coco_metrics, to_coco_results
 
     root = tmp_path / "coco"

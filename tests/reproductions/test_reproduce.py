@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from tocalib.models.heads.flops import mask_rcnn_macs, segmentor_macs
 from tocalib.reproductions.counting import CountingPool, build_row_model, official_fvcore_skips
 from tocalib.reproductions.report import RowResult
 from tocalib.reproductions.reproduce import main, reproduce_table
 from tocalib.reproductions.tables import TABLES, Number, load_table
-from torch import nn
 
 
 def test_table1_paca_tiny_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

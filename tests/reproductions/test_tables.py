@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tocalib.models import list_models
 from tocalib.reproductions.counting import build_row_model, num_params
 from tocalib.reproductions.report import check

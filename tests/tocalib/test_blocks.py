@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import tocalib.pooling
-from tocalib import Assignment, Conv1dClustering, Conv1dTeacher, Conv2dTeacher, ToCaBlock, ToCaStack
+from tocalib import (
+    Assignment,
+    Conv1dClustering,
+    Conv1dTeacher,
+    Conv2dTeacher,
+    ToCaBlock,
+    ToCaStack,
+    cluster_parameter_names,
+)
 from tocalib.blocks import DWConvMlp, Mlp
 
 DIM = 16
@@ -221,3 +229,12 @@ def test_measured_macs_take_assignments_that_require_grad():
     x = torch.randn(1, 10, DIM)
     given = Assignment.from_logits(torch.randn(1, 4, 10, requires_grad=True))
     assert flops.count_macs(model, x, assignment=given) == model.macs(10)
+
+
+def test_the_cluster_shaped_parameters_are_named_by_structure_not_by_key_patterns():
+    model = ToCaStack(DIM, 3, 2, 5, share=2, teacher=None)
+    assert cluster_parameter_names(model) == {
+        f"{j}.attn.clustering.clustering.2.{p}" for j in (0, 2) for p in ("weight", "bias")
+    }
+    taught = ToCaStack(DIM, 2, 2, 5, teacher=Conv1dTeacher(DIM, (5, 5), depths=1))
+    assert cluster_parameter_names(taught) == {f"teacher.heads.{g}.{p}" for g in (0, 1) for p in ("weight", "bias")}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
+from tocalib.flops import count_macs
 from tocalib.models import create_model
 from tocalib.models.heads import FPN, FCNMaskHead, MaskRCNN, MaskRCNNTestConfig, RPNHead, Shared2FCBBoxHead
 from tocalib.models.heads.flops import mask_rcnn_macs
 from tocalib.models.heads.mask_rcnn import map_roi_levels, paste_masks
-from torch import nn
-
-from tocalib.flops import count_macs
 
 DIMS = [96, 192, 320, 384]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tocalib.models import StateDictMismatchError, create_model
 from tocalib.models.heads import MaskRCNN, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 

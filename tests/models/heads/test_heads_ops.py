@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tocalib.models.heads.ops import batched_nms, box_iou, decode_deltas, encode_deltas, grid_anchors, nms, roi_align
 
 

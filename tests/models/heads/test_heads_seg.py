@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tocalib.models.heads import FCNHead, PaCaSegHead, UPerHead, upernet_segmentor
-from tocalib.models.heads.common import IGNORE_INDEX
 
 from tocalib.flops import count_macs
+from tocalib.models.heads import FCNHead, PaCaSegHead, UPerHead, upernet_segmentor
+from tocalib.models.heads.common import IGNORE_INDEX
 
 DIMS = [96, 192, 320, 384]
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from tocalib.models import create_model
 from tocalib.models.heads import EncoderDecoder, MaskRCNN, paca_segmentor, upernet_segmentor
 from tocalib.models.heads.flops import mask_rcnn_macs, segmentor_macs
-from torch import nn
 
 # (registered backbone, README params in M, README GFLOPs) — README "MS-COCO trained Mask R-CNN weights"
 COCO = [

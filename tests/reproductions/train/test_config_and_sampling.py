@@ -12,11 +12,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
 from tocalib.reproductions.train.classification import ClassificationConfig
 from tocalib.reproductions.train.config import parse_config, to_jsonable
 from tocalib.reproductions.train.distributed import DistContext, ResumableSampler, ShardSampler, batches_per_epoch
 from tocalib.reproductions.train.segmentation import SegmentationConfig
-from torch.utils.data import DataLoader
 
 
 @dataclass

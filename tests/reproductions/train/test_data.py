@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image, UnidentifiedImageError
+
 from tocalib.reproductions.train.data import IMAGE_SUFFIXES, CorruptImageError, FashionMNIST, ImageFolder, read_idx
 
 

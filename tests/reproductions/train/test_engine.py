@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
 from tocalib.reproductions.train.checkpoint import load_checkpoint
 from tocalib.reproductions.train.distributed import DistContext
 from tocalib.reproductions.train.engine import RunLog, Trainer, TrainSettings, resolve_resume
 from tocalib.reproductions.train.optim import WarmupCosine, no_decay_groups
-from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

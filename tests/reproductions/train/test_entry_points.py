@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from tocalib.reproductions.train import classification, segmentation
 from tocalib.reproductions.train.config import parse_config
 from tocalib.reproductions.train.data import CorruptImageError

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tocalib.reproductions.train.metrics import IoUAccumulator
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -9,8 +9,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tocalib.reproductions.train.optim import WarmupCosine, WarmupPoly, custom_key_groups, no_decay_groups, scaled_lr
 from torch import nn
+
+from tocalib.reproductions.train.optim import WarmupCosine, WarmupPoly, custom_key_groups, no_decay_groups, scaled_lr
 
 
 class Net(nn.Module):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tocalib.reproductions.train.distributed import DistContext
 from tocalib.reproductions.train.engine import Progress, RunLog
 from tocalib.reproductions.train.summary import main, summarise

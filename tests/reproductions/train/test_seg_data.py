@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+
 from tocalib.reproductions.eval.common import MMCV_MEAN, MMCV_STD, rescaled_size
 from tocalib.reproductions.train.seg_data import (
     TEXTURE_CLASSES,

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+
 from tocalib.reproductions.eval.imagenet import preprocess
 from tocalib.reproductions.train.transforms import (
     IMAGENET_MEAN,
