@@ -1,5 +1,6 @@
 """Developer sessions. Every install goes through constraints.txt (torch==2.13.0, CPU build)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -51,30 +52,48 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TORCHRUN = ("python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
+# The backbones of the smoke runs, each at about 1.3 M parameters: the presets' PaCa-ViT (dims 32/64/128/192), and
+# PVTv2 and Swin of the same widths and depths (PVTv2's spatial reductions 4, 2, 1, 1 fit 28×28 inputs).
+SMOKE_BACKBONES = {
+    "paca": None,
+    "pvt": ("pvt_v2_b0", {"embed_dims": [32, 64, 128, 192], "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 6],
+                          "mlp_ratios": [4, 4, 4, 4], "sr_ratios": [4, 2, 1, 1]}),
+    "swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]}),
+}  # fmt: skip
+
+
 @nox.session
 def train_smoke(session: nox.Session) -> None:
-    """Real small training runs on CPU with torchrun and 2 processes (gloo), not part of the tests: a small PaCa-ViT
-    on Fashion-MNIST (Debian's dataset-fashion-mnist, installed here with apt-get when missing; ≈ 10 min on 2
-    cores), then a PaCa-head segmentor on scikit-image texture label maps (≈ 5 min). Writes
-    outputs/train_smoke/{fashion_mnist,textures}/ (log.txt, metrics.jsonl, checkpoints) and summary.{md,json}."""
+    """Real small training runs on CPU with torchrun and 2 processes (gloo), not part of the tests, for each backbone
+    of SMOKE_BACKBONES (PaCa-ViT, PVTv2, Swin; `-- paca` runs one): the backbone with a classifier on Fashion-MNIST
+    (Debian's dataset-fashion-mnist, installed here with apt-get when missing; ≈ 14 min on 2 cores), then with the
+    PaCa segmentation head on scikit-image texture label maps (≈ 6 min), same recipe and budget for all. Writes
+    outputs/train_smoke/<backbone>/{fashion_mnist,textures}/ (log.txt, metrics.jsonl, checkpoints) and
+    summary.{md,json}."""
     install(session, "train")
     if not FASHION_MNIST.is_dir():
         session.run("apt-get", "install", "-y", "dataset-fashion-mnist", external=True)
     out = Path("outputs/train_smoke")
     shutil.rmtree(out, ignore_errors=True)
-    runs = {"classification": "fashion_mnist", "segmentation": "textures"}
-    for entry, preset in runs.items():
-        module = f"tocalib.reproductions.train.{entry}"
-        run = ("-m", module, "--preset", preset, "--device", "cpu", "--out", str(out / preset))
-        session.run(*TORCHRUN, *run)
+    runs = []
+    for name in session.posargs or SMOKE_BACKBONES:
+        for entry, preset in (("classification", "fashion_mnist"), ("segmentation", "textures")):
+            runs.append(out / name / preset)
+            session.run(*TORCHRUN, *smoke_command(name, entry, preset, runs[-1]))
     session.run(
-        "python",
-        "-m",
-        "tocalib.reproductions.train.summary",
-        *(str(out / p) for p in runs.values()),
-        "--out",
-        str(out / "summary.md"),
+        "python", "-m", "tocalib.reproductions.train.summary", *map(str, runs), "--out", str(out / "summary.md")
     )
+
+
+def smoke_command(backbone: str, entry: str, preset: str, out: Path) -> list[str]:
+    """The training command line of one smoke run: the preset, on the SMOKE_BACKBONES entry ``backbone``."""
+    command = ["-m", f"tocalib.reproductions.train.{entry}", "--preset", preset, "--device", "cpu", "--out", str(out)]
+    if SMOKE_BACKBONES[backbone] is not None:
+        model, kwargs = SMOKE_BACKBONES[backbone]
+        kwargs = {**kwargs, "in_chans": 1} if entry == "classification" else kwargs
+        option = "--model" if entry == "classification" else "--backbone"
+        command += [option, model, f"{option}-kwargs", json.dumps(kwargs)]
+    return command
 
 
 BENCH_PEERS = ("nystrom-attention", "perceiver-pytorch", "isab-pytorch", "linformer")

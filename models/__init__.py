@@ -10,6 +10,11 @@ format, see :func:`load_official_state_dict`); overrides are :class:`~tocalib.mo
 arguments, e.g. ``num_classes`` (0 = no head), ``drop_path_rate``, ``num_clusters`` (per stage, the
 downstream override), ``features_only=True`` (``model(x)`` returns the 4 NCHW maps).
 
+Every registered backbone implements one contract (:class:`Backbone`, timm's): ``model.feature_info`` (per stage
+map its channels, stride and module; ``.channels()``, ``.reductions()``), ``model.pretrained_cfg`` (input size,
+mean/std, interpolation, crop ratio, classifier name, as data), ``forward_features`` (the stage maps),
+``forward_head``, ``reset_classifier(num_classes)``, and ``features_only`` / ``out_indices``.
+
 PaCa-ViT outputs: ``model(x)`` logits; ``model.forward_features(x)`` the 4 NCHW maps after the stage
 norms (strides 4, 8, 16, 32); ``model.forward_features(x, return_assignments=True)`` also returns
 each stage's cluster assignment as a (B, M_i, H_i, W_i) map from the same pass (see
@@ -24,11 +29,15 @@ from typing import Any
 from torch import nn
 
 from tocalib.models import paca_vit, pvt_v2, swin  # noqa: F401  (importing a family registers its models)
+from tocalib.models._layers import Backbone, FeatureInfo, PretrainedCfg
 from tocalib.models._registry import get_model_factory, list_models, register_model
 from tocalib.models.loading import LoadReport, StateDictMismatchError, load_official_state_dict
 
 __all__ = [
+    "Backbone",
+    "FeatureInfo",
     "LoadReport",
+    "PretrainedCfg",
     "StateDictMismatchError",
     "create_model",
     "get_model_factory",

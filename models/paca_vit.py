@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from tocalib import ToCaBlock, ToCaStack
 from tocalib.blocks import DWConvMlp
-from tocalib.models._layers import init_weights
+from tocalib.models._layers import Backbone, PretrainedCfg, init_weights, stage_info
 from tocalib.models._registry import register_model
 from tocalib.models.loading import load_official_state_dict
 from tocalib.models.teacher import ConvMixerFPNTeacher
@@ -51,6 +51,9 @@ from tocalib.validation import check_int
 __all__ = ["Downsample", "LayerNorm2d", "PaCaBlock", "PaCaViT", "model_config"]
 
 NUM_STAGES = 4
+PRETRAINED_CFG = PretrainedCfg(crop_pct=224 / 248)
+"""The released checkpoints' evaluation: resize the shorter side to 248 (bicubic), centre-crop 224, ImageNet mean/std
+(PaCaViT@4307018 classification configs)."""
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -139,7 +142,7 @@ def _per_stage(value: int | Sequence[int], name: str) -> tuple[int, ...]:
     return values
 
 
-class PaCaViT(nn.Module):
+class PaCaViT(Backbone):
     """PaCa-ViT backbone and classifier (PaCaViT@4307018 paca_vit.py), with optional ConvMixer-FPN teacher.
 
     Args:
@@ -195,9 +198,10 @@ class PaCaViT(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.embed_dims = embed_dims
+        self.feature_info = stage_info(embed_dims, [f"norm{i}" for i in range(1, NUM_STAGES + 1)])
+        self.pretrained_cfg = PRETRAINED_CFG
         self.num_clusters = num_clusters
         self.in_chans = in_chans
-        self.num_classes = num_classes
         self.features_only = features_only
         self.out_indices = tuple(out_indices)
 
@@ -270,12 +274,6 @@ class PaCaViT(nn.Module):
                 first = out[1][0].assignment
                 assignments.append(None if first is None else first.dense().unflatten(-1, (h, w)))
         return (features, assignments) if return_assignments else features
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        """(B, C_4, H_4, W_4) last feature map → (B, num_classes) logits (mean over positions, Linear)."""
-        if self.head is None:
-            raise RuntimeError("this model has no classification head (num_classes=0)")
-        return self.head(x.flatten(2).mean(dim=-1))
 
     def forward(
         self, x: Tensor, return_assignments: bool = False

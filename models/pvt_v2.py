@@ -18,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib.models._layers import MeanPoolClassifier, init_weights
+from tocalib.blocks import DropPath
+from tocalib.models._layers import Backbone, init_weights, stage_info
 from tocalib.models._registry import register_model
 from tocalib.validation import check_int
 
@@ -111,17 +113,20 @@ class ConvFeedForward(nn.Module):
 class PvtBlock(nn.Module):
     """Pre-norm transformer block: SRA then ConvFFN, each with a residual."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, linear: bool, eps: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, linear: bool, eps: float, drop_path: float
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, linear)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = ConvFeedForward(dim, int(dim * mlp_ratio), linear)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """x (B, N, C) → (B, N, C)."""
-        x = x + self.attn(self.norm1(x), size)
-        return x + self.mlp(self.norm2(x), size)
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
+        return x + self.drop_path(self.mlp(self.norm2(x), size))
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -139,7 +144,7 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), size
 
 
-class PyramidVisionTransformerV2(MeanPoolClassifier):
+class PyramidVisionTransformerV2(Backbone):
     """The PVTv2 backbone and classifier.
 
     Args:
@@ -151,8 +156,11 @@ class PyramidVisionTransformerV2(MeanPoolClassifier):
         linear: linear SRA (7×7 pooled keys) and a ReLU in the FFN, as in PVTv2-b2-li.
         num_classes: classifier outputs; 0 for no head (``forward`` then returns pooled features).
         in_chans: input image channels.
-        features_only: ``forward`` returns the four stage maps (B, C_i, H/2^(i+2), W/2^(i+2)) instead of logits.
+        features_only: ``forward`` returns the ``out_indices`` stage maps (B, C_i, H/2^(i+2), W/2^(i+2)) instead of
+            logits (and builds no head).
+        out_indices: the stages ``forward`` returns with ``features_only``.
         eps: LayerNorm eps inside the blocks and after each stage.
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
     """
 
     def __init__(
@@ -166,28 +174,30 @@ class PyramidVisionTransformerV2(MeanPoolClassifier):
         num_classes: int = 1000,
         in_chans: int = 3,
         features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
         eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         in_chans, num_classes = check_int("in_chans", in_chans, 1), check_int("num_classes", num_classes, 0)
         per_stage = (embed_dims, depths, num_heads, mlp_ratios, sr_ratios)
         if any(len(values) != 4 for values in per_stage):
             raise ValueError("embed_dims, depths, num_heads, mlp_ratios and sr_ratios need one value per stage (4)")
-        self.features_only = features_only
-        self.feature_dims = tuple(embed_dims)
+        self.features_only, self.out_indices = features_only, tuple(out_indices)
+        self.feature_info = stage_info(embed_dims, [f"norms.{i}" for i in range(4)])
         self.patch_embeds = nn.ModuleList()
         self.stages = nn.ModuleList()
         self.norms = nn.ModuleList()
         previous = in_chans
+        rates = iter(torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist())
         for i, (dim, depth, heads, mlp_ratio, sr_ratio) in enumerate(zip(*per_stage, strict=True)):
             kernel_size, stride = (7, 4) if i == 0 else (3, 2)
             self.patch_embeds.append(OverlapPatchEmbed(previous, dim, kernel_size, stride))
-            self.stages.append(
-                nn.ModuleList(PvtBlock(dim, heads, mlp_ratio, sr_ratio, linear, eps) for _ in range(depth))
-            )
+            blocks = (PvtBlock(dim, heads, mlp_ratio, sr_ratio, linear, eps, next(rates)) for _ in range(depth))
+            self.stages.append(nn.ModuleList(blocks))
             self.norms.append(nn.LayerNorm(dim, eps=eps))
             previous = dim
-        self.head = nn.Linear(previous, num_classes) if num_classes and not features_only else nn.Identity()
+        self.head = nn.Linear(previous, num_classes) if num_classes and not features_only else None
         self.apply(init_weights)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tocalib.models._layers import MeanPoolClassifier, init_weights
+from tocalib.blocks import DropPath
+from tocalib.models._layers import Backbone, init_weights, stage_info
 from tocalib.models._registry import register_model
 from tocalib.validation import check_int
 
@@ -112,7 +113,9 @@ class WindowAttention(nn.Module):
 class SwinBlock(nn.Module):
     """A (shifted-)window attention block on a channels-last map (B, H, W, C)."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float, eps: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float, eps: float, drop_path: float
+    ) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift = shift
@@ -121,6 +124,7 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
 
     def extra_repr(self) -> str:
         return f"shift={self.shift}"
@@ -142,8 +146,8 @@ class SwinBlock(nn.Module):
         y = _merge_windows(self.attn(_windows(y, w), mask), w, padded_h, padded_w)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        x = x + y[:, :height, :width]
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(y[:, :height, :width])
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -162,7 +166,7 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class SwinTransformer(MeanPoolClassifier):
+class SwinTransformer(Backbone):
     """The Swin Transformer backbone and classifier.
 
     Args:
@@ -174,9 +178,11 @@ class SwinTransformer(MeanPoolClassifier):
         patch_size: side of the non-overlapping patch embedding.
         num_classes: classifier outputs; 0 for no head (``forward`` then returns pooled features).
         in_chans: input image channels.
-        features_only: ``forward`` returns the stage maps (B, C_i, H_i, W_i), each after its own LayerNorm,
-            instead of logits.
+        features_only: ``forward`` returns the ``out_indices`` stage maps (B, C_i, H_i, W_i), each after its own
+            LayerNorm, instead of logits (and builds no head).
+        out_indices: the stages ``forward`` returns with ``features_only``.
         eps: LayerNorm eps.
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
     """
 
     def __init__(
@@ -190,45 +196,55 @@ class SwinTransformer(MeanPoolClassifier):
         num_classes: int = 1000,
         in_chans: int = 3,
         features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
         eps: float = 1e-5,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         in_chans, num_classes = check_int("in_chans", in_chans, 1), check_int("num_classes", num_classes, 0)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one value per stage")
-        self.features_only = features_only
-        self.feature_dims = tuple(embed_dim * 2**i for i in range(len(depths)))
+        self.features_only, self.out_indices = features_only, tuple(out_indices)
+        self.feature_info = stage_info(
+            [embed_dim * 2**i for i in range(len(depths))], [f"stages.{i}" for i in range(len(depths))]
+        )
+        channels = self.feature_info.channels()
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.patch_norm = nn.LayerNorm(embed_dim, eps=eps)
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
+        rates = iter(torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist())
         for i, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
-            dim = self.feature_dims[i]
+            dim = channels[i]
             shifts = [0 if j % 2 == 0 else window_size // 2 for j in range(depth)]
-            self.stages.append(nn.Sequential(*(SwinBlock(dim, heads, window_size, s, mlp_ratio, eps) for s in shifts)))
+            blocks = (SwinBlock(dim, heads, window_size, s, mlp_ratio, eps, next(rates)) for s in shifts)
+            self.stages.append(nn.Sequential(*blocks))
             last = i == len(depths) - 1
             self.downsamples.append(nn.Identity() if last else PatchMerging(dim, eps))
-        out_dims = self.feature_dims if features_only else self.feature_dims[-1:]
+        out_dims = channels if features_only else channels[-1:]
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps) for dim in out_dims)
-        self.head = (
-            nn.Linear(self.feature_dims[-1], num_classes) if num_classes and not features_only else nn.Identity()
-        )
+        self.head = nn.Linear(channels[-1], num_classes) if num_classes and not features_only else None
         self.apply(init_weights)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
-        """Images (B, C_in, H, W) → stage maps (B, C_i, ⌈H/2^(i+2)⌉, ⌈W/2^(i+2)⌉): all four when ``features_only``,
-        else the last. Sides that are not a multiple of the patch size are zero-padded."""
+        """Images (B, C_in, H, W) → the four stage maps (B, C_i, ⌈H/2^(i+2)⌉, ⌈W/2^(i+2)⌉). With ``features_only``
+        each is normed by its own LayerNorm; otherwise (timm's classification layout, one final norm) the first
+        three are the blocks' outputs and the last is normed. Sides that are not a multiple of the patch size are
+        zero-padded."""
         patch = self.patch_embed.stride[0]
         if x.shape[2] % patch or x.shape[3] % patch:
             x = F.pad(x, (0, -x.shape[3] % patch, 0, -x.shape[2] % patch))
         x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))  # (B, ⌈H/4⌉, ⌈W/4⌉, C)
         maps = []
+        last = len(self.stages) - 1
         for i, (blocks, downsample) in enumerate(zip(self.stages, self.downsamples, strict=True)):
             x = blocks(x)
-            if self.features_only:
-                maps.append(self.norms[i](x).permute(0, 3, 1, 2))
+            if self.features_only or i == last:
+                maps.append(self.norms[i if self.features_only else 0](x).permute(0, 3, 1, 2))
+            else:
+                maps.append(x.permute(0, 3, 1, 2))
             x = downsample(x)
-        return maps if self.features_only else [self.norms[0](x).permute(0, 3, 1, 2)]
+        return maps
 
 
 _CONFIGS: dict[str, dict[str, Any]] = {

@@ -25,9 +25,6 @@ import torch
 from tocalib.models import create_model, list_models
 from tocalib.viz import save_grid
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _size(text: str) -> tuple[int, int]:
     parts = [int(p) for p in text.split(",")]
@@ -52,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 def stage_maps(model: torch.nn.Module, rgb: np.ndarray) -> list[torch.Tensor]:
     """The (M_i, H_i, W_i) assignment maps of every clustered stage for one (H, W, 3) uint8 image."""
     x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div(255)
-    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    cfg = model.pretrained_cfg  # the normalisation the weights expect
+    x = (x - torch.tensor(cfg.mean)[:, None, None]) / torch.tensor(cfg.std)[:, None, None]
     with torch.inference_mode():
         _, assignments = model.eval().forward_features(x[None], return_assignments=True)
     return [a[0] for a in assignments if a is not None]

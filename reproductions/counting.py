@@ -74,7 +74,7 @@ def build_row_model(section: Section, row: Row) -> nn.Module:
     if section.task == "classification":
         return create_model(row.model, **overrides).eval()
     backbone = create_model(row.model, features_only=True, **overrides)
-    dims = list(backbone.embed_dims)
+    dims = backbone.feature_info.channels()
     if section.task == "detection":
         return MaskRCNN(backbone, dims).eval()
     build = upernet_segmentor if row.head == "upernet" else paca_segmentor
@@ -151,7 +151,7 @@ def count_detection_heads(section: Section, row: Row) -> dict[str, int]:
     with torch.device("meta"):  # output shapes only: no initialisation, no compute
         backbone = build_row_model(section, row).backbone
         shapes = [tuple(f.shape) for f in backbone(torch.zeros(1, 3, *image_hw))]
-    stand_in = MaskRCNN(_FixedFeatures(shapes), list(backbone.embed_dims))
+    stand_in = MaskRCNN(_FixedFeatures(shapes), backbone.feature_info.channels())
     with torch.no_grad():
         counts = mask_rcnn_macs(stand_in, image_hw, convention="paper")
     return {name: counts[name] for name in HEAD_PARTS}

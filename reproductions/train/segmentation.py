@@ -198,13 +198,16 @@ def build_datasets(config: SegmentationConfig) -> tuple[Dataset | None, Dataset,
     return train, val, ade20k.NUM_CLASSES
 
 
-def paper_backbone_settings(backbone: str, head: str) -> tuple[tuple[int, ...], float]:
+def paper_backbone_settings(backbone: str, head: str) -> tuple[tuple[int, ...] | None, float]:
     """The released ADE20k configs' ``downstream_cluster_num`` and drop path for a PaCa-ViT backbone (PaCaViT@4307018
-    segmentation configs): 200
-    clusters in every stage where the ImageNet model has clusters (so [200]*4 for the teachers and the 49_100,
-    100_49, 100 and blockwise ablations, [200, 200, 200, 0] otherwise); drop path 0.1, or 0.5 for the PaCa head on
-    the Base models."""
-    clusters = tuple(200 if m else 0 for m in model_config(backbone)["num_clusters"])
+    segmentation configs): 200 clusters in every stage where the ImageNet model has clusters (so [200]*4 for the
+    teachers and the 49_100, 100_49, 100 and blockwise ablations, [200, 200, 200, 0] otherwise); drop path 0.1, or
+    0.5 for the PaCa head on the Base models. Another backbone (PVTv2, Swin) has no clusters: None, drop path 0.1."""
+    try:
+        config = model_config(backbone)
+    except KeyError:
+        return None, 0.1
+    clusters = tuple(200 if m else 0 for m in config["num_clusters"])
     return clusters, 0.5 if head == "paca" and "_base_" in backbone else 0.1
 
 
@@ -212,16 +215,21 @@ def build_segmentor(config: SegmentationConfig, num_classes: int, log: RunLog) -
     """Backbone (features only, downstream clusters, ImageNet weights from ``--pretrained``) + the chosen head;
     ``--checkpoint`` then loads a whole segmentor."""
     clusters, drop_path = paper_backbone_settings(config.backbone, config.head)
-    clusters = clusters if config.downstream_clusters is None else config.downstream_clusters
+    if clusters is None and config.downstream_clusters is not None:
+        log.info(f"backbone {config.backbone} has no clusters: downstream clusters {config.downstream_clusters} unused")
+    elif config.downstream_clusters is not None:
+        clusters = config.downstream_clusters
     drop_path = drop_path if config.drop_path is None else config.drop_path
-    log.info(f"backbone {config.backbone}: clusters per stage {tuple(clusters)}, drop path {drop_path}")
+    described = "no clusters" if clusters is None else f"clusters per stage {tuple(clusters)}"
+    log.info(f"backbone {config.backbone}: {described}, drop path {drop_path}")
+    overrides = {} if clusters is None else {"num_clusters": clusters}
     backbone = create_from_options(
         "--backbone-kwargs",
         config.backbone,
         **config.backbone_kwargs,
+        **overrides,
         num_classes=0,
         features_only=True,
-        num_clusters=clusters,
         drop_path_rate=drop_path,
     )
     if config.pretrained is not None:
@@ -232,7 +240,7 @@ def build_segmentor(config: SegmentationConfig, num_classes: int, log: RunLog) -
         )
     factory = paca_segmentor if config.head == "paca" else upernet_segmentor
     channels = {} if config.head_channels is None else {"channels": config.head_channels}
-    segmentor = factory(backbone, backbone.embed_dims, num_classes, **channels)
+    segmentor = factory(backbone, backbone.feature_info.channels(), num_classes, **channels)
     if config.checkpoint is not None:
         report = load_mmengine_checkpoint(segmentor, config.checkpoint)
         log.info(f"segmentor: {len(report.loaded)} tensors from {config.checkpoint}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,8 @@ def summarise(run: Path) -> dict[str, Any]:
     best = {k: (min if "loss" in k else max)(r[k] for r in candidates) for k in metrics}
     return {
         "run": str(run),
+        "model": _model(config),
+        "parameters": _parameters(run),
         "steps": final["step"],
         "epochs": final.get("epoch"),
         "wall_clock_s": round(sum(seg[-1]["time"] for seg in segments), 1),
@@ -64,13 +67,35 @@ def summarise(run: Path) -> dict[str, Any]:
     }
 
 
+def _model(config: dict[str, Any]) -> str:
+    """The run's model as its config names it; architecture overrides are flagged (the name alone would mislead)."""
+    if "model" in config:
+        return config["model"] + (" with --model-kwargs" if config.get("model_kwargs") else "")
+    backbone = config.get("backbone", "?") + (" with --backbone-kwargs" if config.get("backbone_kwargs") else "")
+    return f"{config.get('head')} head on {backbone}"
+
+
+def _parameters(run: Path) -> int | None:
+    """The parameter count the run's log states (``… N parameters``), or None when its log has none."""
+    log = run / "log.txt"
+    found = re.search(r"([\d,]+) parameters", log.read_text()) if log.is_file() else None
+    return None if found is None else int(found.group(1).replace(",", ""))
+
+
 def _markdown(summaries: list[dict[str, Any]]) -> str:
-    lines = ["| run | steps | epochs | wall clock | final | best |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | model | parameters | steps | epochs | wall clock | final | best |",
+        "|---|---|---:|---|---|---|---|---|",
+    ]
     for s in summaries:
         final = ", ".join(f"{k} {v:.2f}" for k, v in s["final"].items())
         best = ", ".join(f"{k} {v:.2f}" for k, v in s["best"].items())
         minutes = s["wall_clock_s"] / 60
-        lines.append(f"| {s['run']} | {s['steps']} | {s['epochs']} | {minutes:.1f} min | {final} | {best} |")
+        params = "–" if s["parameters"] is None else f"{s['parameters']:,}"
+        lines.append(
+            f"| {s['run']} | {s['model']} | {params} | {s['steps']} | {s['epochs']} | {minutes:.1f} min | {final} "
+            f"| {best} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 
+from tocalib.models import PretrainedCfg
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -48,8 +50,7 @@ __all__ = [
     "to_tensor",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = PretrainedCfg.mean, PretrainedCfg.std  # the defaults of a model's pretrained_cfg
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,

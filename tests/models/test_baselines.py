@@ -49,7 +49,7 @@ def test_forward_shapes(name: str, size: tuple[int, int]) -> None:
     with torch.no_grad():
         assert classifier(images).shape == (2, 10)
         maps = backbone(images)
-    assert [m.shape[1] for m in maps] == list(backbone.feature_dims)
+    assert [m.shape[1] for m in maps] == backbone.feature_info.channels()
     for i, feature in enumerate(maps):
         stride = 2 ** (i + 2)
         assert feature.shape[0] == 2 and feature.shape[2:] == (-(-size[0] // stride), -(-size[1] // stride))

@@ -134,5 +134,4 @@ def test_segmentation_backbone_settings_follow_the_released_configs() -> None:
     assert segmentation.paper_backbone_settings("pacavit_base_p2cconv_100_0", "paca") == ((200, 200, 200, 0), 0.5)
     assert segmentation.paper_backbone_settings("pacavit_convmixer_base_100", "paca") == ((200,) * 4, 0.5)
     assert segmentation.paper_backbone_settings("pacavit_base_p2cconv_100_0", "upernet")[1] == 0.1
-    with pytest.raises(KeyError, match="not a PaCa-ViT model"):
-        segmentation.paper_backbone_settings("swin_tiny", "paca")
+    assert segmentation.paper_backbone_settings("swin_tiny_patch4_window7_224", "paca") == (None, 0.1)

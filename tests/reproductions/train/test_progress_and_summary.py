@@ -81,3 +81,17 @@ def test_summary_names_what_is_missing(tmp_path: Path) -> None:
     _write_run(tmp_path / "early", [{"split": "train", "step": 1, "time": 1.0, "loss": 2.0}])
     with pytest.raises(ValueError, match="no evaluation record"):
         summarise(tmp_path / "early")
+
+
+def test_summary_names_the_model_its_overrides_and_its_size(tmp_path: Path) -> None:
+    records = [{"split": "start", "step": 0, "time": 0.0}, {"split": "val", "step": 1, "top1": 50.0, "time": 6.0}]
+    for name, config in {
+        "classifier": {"model": "pvt_v2_b0", "model_kwargs": {"depths": [1, 1, 1, 1]}},
+        "segmentor": {"head": "paca", "backbone": "swin_tiny_patch4_window7_224", "backbone_kwargs": {}},
+    }.items():
+        _write_run(tmp_path / name, records)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "classifier" / "log.txt").write_text("[00:00:01] pvt_v2_b0 with …: 1,277,834 parameters, 10 classes\n")
+    classifier, segmentor = (summarise(tmp_path / name) for name in ("classifier", "segmentor"))
+    assert classifier["model"] == "pvt_v2_b0 with --model-kwargs" and classifier["parameters"] == 1_277_834
+    assert segmentor["model"] == "paca head on swin_tiny_patch4_window7_224" and segmentor["parameters"] is None
