@@ -122,8 +122,10 @@ class Backbone(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh classifier for ``num_classes`` outputs (0: none; ``forward_head`` then gives the pooled features)."""
-        device = next(self.parameters()).device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes else None
+        like = next(self.parameters())  # the new head on the model's device, in its dtype
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype) if num_classes else None
+        )
         if self.head is not None:
             init_weights(self.head)
 
