@@ -107,7 +107,7 @@ def bench(session: nox.Session) -> None:
     (e.g. ``nox -s bench -- --quick`` or ``-- --threads 1``). The peers are installed here only.
     """
     session.install(*CONSTRAINTS, "-e", ".[test,flops,viz]", *BENCH_PEERS, "matplotlib", "tqdm")
-    session.run("python", "benchmarks/bench.py", *session.posargs)
+    session.run("python", "-m", "benchmarks.bench", *session.posargs)
 
 
 @nox.session

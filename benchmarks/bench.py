@@ -1,6 +1,6 @@
 """CPU benchmarks: ToCa against full attention and peers, PaCa-ViT against PVTv2 and Swin.
 
-    python benchmarks/bench.py [--quick] [--out outputs/bench] [--threads 2]
+    python -m benchmarks.bench [--quick] [--out outputs/bench] [--threads 2]
 
 (``nox -s bench`` installs the peers and runs it.) Three parts, all measured in one run so that the ratios
 compare like with like on a shared, noisy machine:
