@@ -7,7 +7,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests", "tests_scatter"]
+nox.options.sessions = ["lint", "tests", "tests_scatter", "docs"]
 
 CONSTRAINTS = ("-c", "constraints.txt")
 
@@ -39,6 +39,15 @@ def tests_slow(session: nox.Session) -> None:
     """Only the tests marked slow (reproductions, long property runs)."""
     install(session)
     session.run("pytest", "-q", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs + mkdocstrings): the API reference from the docstrings, the clustering guide,
+    the reproduced tables with their errata and the benchmark plots, built with --strict (any warning fails) into
+    outputs/docs. Reads the sources only: torch is not installed."""
+    session.install(*CONSTRAINTS, "mkdocs>=1.6", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict")
 
 
 @nox.session

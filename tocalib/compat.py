@@ -59,8 +59,8 @@ class ToCaMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with token-to-cluster attention (see the module docstring).
 
     Args:
-        embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device,
-            dtype: as in ``nn.MultiheadAttention``, in its order.
+        embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype: as
+            in ``nn.MultiheadAttention``, in its order.
         num_clusters: M clusters; 0 gives ``nn.MultiheadAttention`` exactly.
         clustering, cluster_norm, norm_eps, clustering_kwargs, chunk_size, recompute: as in
             :class:`~tocalib.ToCaAttention`. The clustering reads the keys (width ``kdim``). With
