@@ -47,7 +47,7 @@ class Registry:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         cls = self._entries[name]
         factory = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        if factory and not _takes(cls, factory):
+        if factory and not takes_kwargs(cls, factory):
             raise ValueError(
                 f"{self.kind} {name!r} ({cls.__name__}) does not take {sorted(factory)}: add those keyword "
                 "arguments to its constructor (PyTorch's factory kwargs), or build it and move it with .to()"
@@ -55,7 +55,7 @@ class Registry:
         return cls(*args, **factory, **kwargs)
 
 
-def _takes(cls: Callable[..., nn.Module], names: dict[str, Any]) -> bool:
+def takes_kwargs(cls: Callable[..., nn.Module], names: dict[str, Any]) -> bool:
     """Whether ``cls``'s constructor accepts these keyword arguments."""
     parameters = inspect.signature(cls).parameters.values()
     return any(p.kind is p.VAR_KEYWORD for p in parameters) or set(names) <= {p.name for p in parameters}

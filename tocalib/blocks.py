@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from tocalib._registry import takes_kwargs
 from tocalib.attention import ToCaAttention, ToCaIntermediates
 from tocalib.pooling import Assignment
 from tocalib.providers import AssignmentProvider
@@ -127,13 +128,11 @@ class DWConvMlp(Mlp):
 def _build(layer: Callable[..., nn.Module], *args: Any, factory: Factory, **kwargs: Any) -> nn.Module:
     """``layer(*args, **kwargs)``, with ``device``/``dtype`` where given and accepted (else a clear error)."""
     given = {k: v for k, v in factory.items() if v is not None}
-    if given:
-        parameters = inspect.signature(layer).parameters.values()
-        if not (any(p.kind is p.VAR_KEYWORD for p in parameters) or set(given) <= {p.name for p in parameters}):
-            raise ValueError(
-                f"{getattr(layer, '__name__', layer)!r} does not take {sorted(given)}: add PyTorch's factory kwargs "
-                "to it, or build the block without device/dtype and move it with .to()"
-            )
+    if given and not takes_kwargs(layer, given):
+        raise ValueError(
+            f"{getattr(layer, '__name__', layer)!r} does not take {sorted(given)}: add PyTorch's factory kwargs "
+            "to it, or build the block without device/dtype and move it with .to()"
+        )
     return layer(*args, **kwargs, **given)
 
 
