@@ -77,17 +77,20 @@ def check_forward(
                 f"got {assignment.dtype} {tuple(assignment.shape)}"
             )
     keep = _keep(key_padding_mask, b, length)
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    check_values = layer.check_assignment and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
     if isinstance(assignment, Assignment):
-        keep = _same_padding(keep, assignment.keep, (b, length), tracing)
+        keep = _same_padding(keep, assignment.keep, (b, length), check_values)
     matrix = assignment.matrix if isinstance(assignment, Assignment) else assignment
-    if matrix is not None and layer.check_assignment and not tracing:
+    if matrix is not None and check_values:
         _check_assignment(matrix, keep)
     return keep
 
 
-def _same_padding(keep: Tensor | None, given: Tensor | None, shape: tuple[int, int], tracing: bool) -> Tensor | None:
-    """The real tokens of a call with a given Assignment: the layer's padding and the assignment's must agree."""
+def _same_padding(
+    keep: Tensor | None, given: Tensor | None, shape: tuple[int, int], check_values: bool
+) -> Tensor | None:
+    """The real tokens of a call with a given Assignment: the layer's padding and the assignment's must agree
+    (their values are compared, one reduction and a host sync, only with ``check_values``)."""
     if given is None:
         if keep is not None:
             raise ValueError(
@@ -98,7 +101,7 @@ def _same_padding(keep: Tensor | None, given: Tensor | None, shape: tuple[int, i
     if given.dtype != torch.bool or tuple(given.shape) != shape:
         raise ValueError(f"the Assignment's keep must be a bool (B, L) = {shape} tensor, got {given.dtype} "
                          f"{tuple(given.shape)}")  # fmt: skip
-    if keep is not None and keep is not given and not tracing and not torch.equal(keep, given):
+    if keep is not None and keep is not given and check_values and not torch.equal(keep, given):
         raise ValueError(
             "the given Assignment was built for other padding than this call's key_padding_mask: build it (or call "
             "its provider) with the same key_padding_mask"

@@ -103,8 +103,11 @@ class ToCaAttention(nn.Module):
     """
 
     check_assignment: bool = True
-    """Whether a given ``assignment=`` is checked to be a distribution over the tokens (one reduction and
-    a host sync per call; set it to False on a layer, or on the class, to skip the check)."""
+    """Whether a given ``assignment=`` is checked to be a distribution over the tokens, and a given
+    :class:`~tocalib.Assignment`'s padding to equal the call's ``key_padding_mask`` (a reduction and a host sync
+    per call; set it to False on a layer, or on the class, to skip them). The blocks of a
+    :class:`~tocalib.ToCaStack` that reuse an assignment skip them: the stack gives them the padding and the
+    assignment it built itself."""
 
     def __init__(
         self,
