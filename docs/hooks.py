@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,7 @@ def _benchmarks() -> str:
     results = ROOT / "benchmarks" / "results"
     lines = ["# Benchmarks", "", "The committed CPU measurements (`nox -s bench`, `nox -s bench_causal`)."]
     for report in sorted(results.glob("*.md")):
-        text = report.read_text().replace("\n# ", "\n## ")
-        lines += ["", text.replace(text.split("\n", 1)[0], "## " + text.split("\n", 1)[0].lstrip("# "), 1)]
+        lines += ["", re.sub(r"^#", "##", report.read_text(), flags=re.M)]  # one level below this page's title
     for picture in sorted(results.glob("*.png")):
         shutil.copyfile(picture, OUT / picture.name)
         lines += ["", f"![{picture.stem}]({picture.name})"]
