@@ -1,6 +1,7 @@
 """Developer sessions. Every install goes through constraints.txt (torch==2.13.0, CPU build)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -156,35 +157,30 @@ def _reproduce(session: nox.Session, *tables: str) -> None:
     session.run("python", "-m", "tocalib.reproductions.reproduce", *tables, *session.posargs)
 
 
-@nox.session
-def reproduce_table1(session: nox.Session) -> None:
-    """Table 1 (ImageNet-1k): params and FLOPs of every row next to the README's; writes
-    outputs/reproductions/table1.{md,csv,json}. Options after `--`, e.g. `-- --checkpoints DIR --data DIR`."""
-    _reproduce(session, "table1")
+def _table_session(path: Path) -> None:
+    """Register ``reproduce_<name>`` for the table file ``reproductions/tables/<name>.toml``."""
+
+    def reproduce(session: nox.Session) -> None:
+        _reproduce(session, path.stem)
+
+    reproduce.__doc__ = (
+        f"The table of reproductions/tables/{path.name}: params and FLOPs of every row next to the README's; writes "
+        f"outputs/reproductions/{path.stem}.{{md,csv,json}}. Options after `--`, e.g. "
+        "`-- --rows GLOB` or `-- --checkpoints DIR --data DIR` for accuracy."
+    )
+    nox.session(name=f"reproduce_{path.stem}")(reproduce)
 
 
-@nox.session
-def reproduce_table2(session: nox.Session) -> None:
-    """Table 2 (MS-COCO Mask R-CNN 1×), the main job: params and FLOPs at 1280×800 of every row next to the
-    README's (≤ 5 min on 2 cores); writes outputs/reproductions/table2.{md,csv,json}. Options after `--`, e.g.
-    `-- --checkpoints DIR --data DIR` for box/mask AP."""
-    _reproduce(session, "table2")
-
-
-@nox.session
-def reproduce_table3(session: nox.Session) -> None:
-    """Table 3 (ADE20k, UperNet and PaCa heads at 512×512); writes outputs/reproductions/table3.{md,csv,json}."""
-    _reproduce(session, "table3")
-
-
-@nox.session
-def reproduce_table4(session: nox.Session) -> None:
-    """Table 4 (cluster-number and placement ablations on ImageNet, COCO and ADE20k); writes
-    outputs/reproductions/table4.{md,csv,json}."""
-    _reproduce(session, "table4")
+# One session per table file (adding a table adds its session), in the runner's order (table2 before table10).
+for _path in sorted(
+    (Path(__file__).parent / "reproductions" / "tables").glob("*.toml"),
+    key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.stem)],
+):
+    _table_session(_path)
 
 
 @nox.session
 def reproduce_all(session: nox.Session) -> None:
-    """Tables 1–4 in one run; writes outputs/reproductions/table{1,2,3,4}.{md,csv,json}."""
+    """Every table in one run (rows of the same architecture counted once); writes
+    outputs/reproductions/<table>.{md,csv,json}."""
     _reproduce(session, "all")

@@ -47,7 +47,7 @@ def _tables() -> str:
         "The paper's tables as data (`reproductions/tables/*.toml`); `tocalib-reproduce tableN` rebuilds every row",
         "and compares it with these numbers.",
     ]
-    for path in sorted((ROOT / "reproductions" / "tables").glob("table*.toml")):
+    for path in sorted((ROOT / "reproductions" / "tables").glob("*.toml")):
         table = tomllib.loads(path.read_text())
         lines += ["", f"## {table['id']}: {table['title']}", "", f"Source: {table['source']}."]
         for section in table["sections"]:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tocalib.reproductions.counting import SKIPPED, Count
+from tocalib.reproductions.counting import Count
 from tocalib.reproductions.tables import Number, Row, Section, Table
+from tocalib.reproductions.tasks import SKIPPED, SKIPPED_NOTE
 
 __all__ = ["Check", "RowResult", "check", "render_text", "summary", "write_outputs"]
 
@@ -173,11 +174,7 @@ def _render(table: Table, results: Sequence[RowResult], markdown: bool) -> list[
         lines.append("")
     skipping = [r for r in results if r.count.parts[SKIPPED]]
     if skipping:
-        lines.append(
-            "Teacher rows: reproduced FLOPs follow the README, which leaves out the teacher's 7×7 depthwise convs "
-            "(built with padding='same' in the official code: aten::_convolution_mode, which fvcore skips); "
-            "counting them too:"
-        )
+        lines.append(SKIPPED_NOTE)
         lines += [
             f"  {r.section.id}/{r.row.label}: +{r.count.parts[SKIPPED] / 1e9:.3f} G → all ops "
             f"{r.count.parts['all_ops'] / 1e9:.3f} G"

@@ -1,8 +1,10 @@
-"""The paper's tables as data: load and validate ``reproductions/tables/tableN.toml``.
+"""The paper's tables as data: load and validate ``reproductions/tables/<name>.toml``.
 
-A table has one or more sections (Table 4 has three: ImageNet, COCO and ADE20k ablations); a section fixes the
-task, the input resolution, the FLOP tolerance and the metric names; each row names a registered model and the
-numbers the README reports for it, as strings so that the printed precision (which sets the tolerance) is kept.
+Every TOML file of that folder is a table (:func:`table_names`), so adding one is adding a file. A table has one or
+more sections (Table 4 has three: ImageNet, COCO and ADE20k ablations); a section names a registered task
+(:mod:`tocalib.reproductions.tasks`) and fixes the input resolution, the FLOP tolerance and the metric names; each
+row names a registered model and the numbers the README reports for it, as strings so that the printed precision
+(which sets the tolerance) is kept.
 
 >>> table = load_table("table1")
 >>> row = table.sections[0].rows[0]
@@ -12,19 +14,21 @@ numbers the README reports for it, as strings so that the printed precision (whi
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser from PyPI
     import tomli as tomllib
 
+from tocalib.reproductions.tasks import get_task
+
 __all__ = [
     "ERRATA_FIELDS",
-    "TABLES",
     "TABLES_DIR",
     "Number",
     "Row",
@@ -32,16 +36,21 @@ __all__ = [
     "Table",
     "TableFormatError",
     "load_table",
+    "table_names",
 ]
 
 TABLES_DIR = Path(__file__).parent / "tables"
-TABLES = ("table1", "table2", "table3", "table4")
-TASKS = ("classification", "detection", "segmentation")
-HEADS = {"classification": (None,), "detection": (None,), "segmentation": ("upernet", "paca")}
 ERRATA_FIELDS = ("params", "flops", "link")
 """Row fields an erratum can concern: a reported number, or the README's checkpoint link."""
 
-Task = Literal["classification", "detection", "segmentation"]
+
+def table_names(directory: Path = TABLES_DIR) -> list[str]:
+    """The tables of ``directory``: its ``*.toml`` files' names, in natural order (``table2`` before ``table10``)."""
+    natural = [
+        (tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", f.stem)), f.stem)
+        for f in directory.glob("*.toml")
+    ]
+    return [name for _, name in sorted(natural)]
 
 
 class TableFormatError(ValueError):
@@ -105,7 +114,7 @@ class Section:
 
     id: str
     title: str
-    task: Task
+    task: str
     resolution: tuple[int, int]
     flops_tolerance: str
     metrics: tuple[str, ...]
@@ -172,9 +181,9 @@ def _row(entry: dict[str, Any], section: dict[str, Any], where: str) -> Row:
     for name in ("params", "flops"):
         if name in errata and f"official_{name}_{'m' if name == 'params' else 'g'}" not in official:
             raise TableFormatError(f"{where}: an erratum on {name} needs the official code's value to check against")
-    head = entry.get("head")
-    if head not in HEADS[section["task"]]:
-        raise TableFormatError(f"{where}: head {head!r} is not one of {HEADS[section['task']]} for {section['task']}")
+    head, heads = entry.get("head"), get_task(section["task"]).heads
+    if head not in heads:
+        raise TableFormatError(f"{where}: head {head!r} is not one of {heads} for {section['task']}")
     clusters = entry.get("num_clusters")
     return Row(
         label=entry["label"],
@@ -193,8 +202,10 @@ def _row(entry: dict[str, Any], section: dict[str, Any], where: str) -> Row:
 
 def _section(entry: dict[str, Any], where: str) -> Section:
     _require(entry, _SECTION_KEYS, where)
-    if entry["task"] not in TASKS:
-        raise TableFormatError(f"{where}: task must be one of {TASKS}, got {entry['task']!r}")
+    try:
+        get_task(entry["task"])
+    except ValueError as err:
+        raise TableFormatError(f"{where}: {err}") from None
     tolerance = entry["flops_tolerance"]
     if tolerance != "rounding" and not (isinstance(tolerance, str) and tolerance.endswith("%")):
         raise TableFormatError(f"{where}: flops_tolerance must be 'rounding' or a percentage like '1%'")
@@ -214,10 +225,10 @@ def _section(entry: dict[str, Any], where: str) -> Section:
 
 
 def load_table(name: str, directory: Path = TABLES_DIR) -> Table:
-    """Read and validate ``<directory>/<name>.toml`` (``name`` is ``table1`` … ``table4``)."""
+    """Read and validate ``<directory>/<name>.toml`` (``name`` is one of :func:`table_names`)."""
     path = directory / f"{name}.toml"
     if not path.is_file():
-        raise FileNotFoundError(f"no table file {path}; known tables: {', '.join(TABLES)}")
+        raise FileNotFoundError(f"no table file {path}; tables in {directory}: {', '.join(table_names(directory))}")
     with path.open("rb") as f:
         data = tomllib.load(f)
     where = path.name

@@ -1,4 +1,5 @@
-"""The house rules on imports: reproductions → models → tocalib, and a light `import tocalib`."""
+"""The house rules on imports: reproductions → models → tocalib, the evaluation and the training never import each
+other, every package folder is in the wheel, and a light `import tocalib`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ FORBIDDEN = {
     "tocalib": {"tocalib.models", "tocalib.reproductions", "models", "reproductions"},
     "models": {"tocalib.reproductions", "models", "reproductions"},
     "reproductions": {"models", "reproductions"},
+    "reproductions/eval": {"tocalib.reproductions.train"},  # both read tocalib.reproductions.data and .metrics
+    "reproductions/train": {"tocalib.reproductions.eval"},
+    "reproductions/data": {"tocalib.reproductions.eval", "tocalib.reproductions.train"},
     "tests": {"models", "reproductions"},
     "benchmarks": {"models", "reproductions"},
     "examples": {"models", "reproductions"},
@@ -50,3 +54,16 @@ def test_importing_tocalib_loads_no_optional_library():
     code = f"import sys, tocalib; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject.toml lists the packages by name: a new folder with an ``__init__.py`` must be listed there."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {install: ROOT / folder for install, folder in setuptools["package-dir"].items()}
+    found = set()
+    for install, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            found.add(".".join([install, *init.parent.relative_to(folder).parts]))
+    assert found == set(setuptools["packages"])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tocalib.models.heads import MaskRCNN
-from tocalib.reproductions.eval.common import load_rgb, rescaled_size, to_input
+from tocalib.reproductions.data.images import load_rgb, rescaled_size, to_input
 
 __all__ = ["METRICS", "coco_metrics", "evaluate", "to_coco_results"]
 

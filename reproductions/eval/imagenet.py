@@ -1,7 +1,7 @@
 """ImageNet-1k top-1 on a validation folder sorted into class folders (``val/n01440764/*.JPEG`` …).
 
-Preprocessing is timm's evaluation transform for ``crop_pct=0.9`` (PaCaViT@4307018 imagenet_vit_adamw.yml): resize
-the shorter side to
+Preprocessing is timm's evaluation transform with the model's ``pretrained_cfg`` (:class:`tocalib.models.PretrainedCfg`;
+PaCa-ViT's is that of PaCaViT@4307018 imagenet_vit_adamw.yml, ``crop_pct=0.9``): resize the shorter side to
 ``floor(224 / 0.9) = 248`` with bicubic interpolation (Pillow, as torchvision does for PIL images), center-crop
 224, scale to [0, 1] and normalise with the ImageNet mean and std. Class indices are the sorted folder names, as
 in torchvision's ``ImageFolder`` (the standard order of the 1000 synsets).
@@ -13,38 +13,42 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tocalib.reproductions.train.data import ImageFolder, load_image
-from tocalib.reproductions.train.metrics import topk_correct
-from tocalib.reproductions.train.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_eval_transform
+from tocalib.models import PretrainedCfg
+from tocalib.reproductions.data.folders import ImageFolder
+from tocalib.reproductions.data.transforms import classification_eval_transform
+from tocalib.reproductions.metrics import topk_correct
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "evaluate", "preprocess"]
+__all__ = ["eval_transform", "evaluate"]
 
 
-def preprocess(path: Path, crop: int = 224, crop_pct: float = 0.9) -> torch.Tensor:
-    """One image file → normalised (3, crop, crop) tensor (timm's eval transform,
-    :func:`~tocalib.reproductions.train.transforms.classification_eval_transform`)."""
-    return classification_eval_transform(crop, crop_pct)(load_image(path))
+def eval_transform(cfg: PretrainedCfg, crop: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's evaluation transform for a model's ``cfg``: Pillow image → normalised (C, crop, crop) tensor, the
+    crop ``cfg.input_size`` unless ``crop`` is given
+    (:func:`~tocalib.reproductions.data.transforms.classification_eval_transform`)."""
+    size = cfg.input_size[-1] if crop is None else crop
+    return classification_eval_transform(size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     root: Path,
-    crop: int = 224,
-    crop_pct: float = 0.9,
+    crop: int | None = None,
     batch_size: int = 32,
     log: Callable[[str], None] = print,
     allow_fewer_classes: bool = False,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) of a classifier on ``root``.
+    """Top-1 and top-5 accuracy (%) of a classifier on ``root``, preprocessed as its ``pretrained_cfg`` says
+    (``crop`` overrides the input size, e.g. for a quick check).
 
     The sorted class folders must be the model's classes, one per output. ``allow_fewer_classes`` accepts K
     folders for the model's first K classes (a quick check of the pipeline on part of the data; the result
     is then not the paper's number)."""
-    dataset = ImageFolder(root, classification_eval_transform(crop, crop_pct))
+    dataset = ImageFolder(root, eval_transform(model.pretrained_cfg, crop))
     model.eval()
     correct1 = correct5 = 0
     for i, (images, labels) in enumerate(DataLoader(dataset, batch_size=batch_size)):

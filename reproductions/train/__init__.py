@@ -11,9 +11,9 @@ Entry points, each runnable alone or under ``torchrun --nproc_per_node N``:
 
 The pieces: :mod:`.config` (dataclass configs and their command lines), :mod:`.distributed` (process group,
 samplers), :mod:`.optim` (parameter groups, lr rules and schedules), :mod:`.checkpoint` (save and exact
-resume), :mod:`.engine` (the loop, logging, metrics), :mod:`.data`/:mod:`.transforms` (classification data),
-:mod:`.seg_data`/:mod:`.metrics` (segmentation data and mIoU), :mod:`.summary` (tables of finished runs).
+resume), :mod:`.engine` (the loop, logging, metrics), :mod:`.summary` (tables of finished runs). Datasets and
+augmentations come from :mod:`tocalib.reproductions.data`, accuracy and mIoU from :mod:`tocalib.reproductions.metrics`,
+which the evaluation (:mod:`tocalib.reproductions.eval`) reads too; ``train`` and ``eval`` never import each other.
 
-This package imports nothing on purpose: ``tocalib.reproductions.eval`` imports some of its modules, and an eager import
-here would make the two import each other.
+This package imports nothing eagerly, so that ``import tocalib.reproductions.train.summary`` needs no torch DDP setup.
 """

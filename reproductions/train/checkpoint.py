@@ -2,10 +2,10 @@
 and epoch, and every rank's random-number state.
 
 Every random draw of the training pipeline (shuffling aside, which is seeded by epoch) comes from torch's RNGs:
-the augmentations of :mod:`.transforms`/:mod:`.seg_data`, drop path, dropout, mixup. Saving each rank's CPU and
-CUDA RNG state therefore makes a resumed run (same world size, ``workers=0``) repeat an uninterrupted one step for
-step. The file is written atomically (temporary file, then rename) by rank 0 and is read by
-:func:`tocalib.models.loading.read_checkpoint`, which runs no code from the file.
+the augmentations of :mod:`tocalib.reproductions.data.transforms` and :mod:`tocalib.reproductions.data.segmentation`,
+drop path, dropout, mixup. Saving each rank's CPU and CUDA RNG state therefore makes a resumed run (same world
+size, ``workers=0``) repeat an uninterrupted one step for step. The file is written atomically (temporary file,
+then rename) by rank 0 and is read by :func:`tocalib.models.loading.read_checkpoint`, which runs no code from the file.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ Launch (one node, 8 GPUs; the defaults are the paper's settings)::
 weight decay 0.05, none on norms and biases), lr 5e-4 × global batch / 512 (warmup lr 5e-7 and min lr 5e-6
 scaled alike), 5 warmup epochs then cosine over 300 epochs, label smoothing 0.1, mixup 0.8 / cutmix 1.0 with
 switch probability 0.5, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, the model's drop path, AMP on
-CUDA; gradient clipping (``--clip-grad``) and EMA (``--ema-decay``) are options, off as in the paper. Evaluation
-resizes to 224 / 0.9 (bicubic) and centre-crops 224.
+CUDA; gradient clipping (``--clip-grad``) and EMA (``--ema-decay``) are options, off as in the paper. Input size,
+normalisation, interpolation and the evaluation crop come from the model's ``pretrained_cfg`` (PaCa-ViT: 224,
+ImageNet mean/std, bicubic, resize to 224 / 0.9 and centre-crop 224) unless ``--img-size``, ``--mean``, ``--std``,
+``--interpolation`` or ``--crop-pct`` say otherwise.
 
 ``--preset fashion_mnist`` trains a small PaCa-ViT on Fashion-MNIST from Debian's ``dataset-fashion-mnist``
 (``nox -s train_smoke``). ``--eval-only --pretrained PATH`` evaluates a checkpoint (official format, or this
@@ -20,22 +22,28 @@ pipeline's ``best.pt``/``last.pt``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from tocalib.models import load_official_state_dict
+from tocalib.models import PretrainedCfg, load_official_state_dict
 from tocalib.reproductions.cli import command_line, create_from_options
-from tocalib.reproductions.eval.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from tocalib.reproductions.data.folders import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
+from tocalib.reproductions.data.transforms import (
+    Mixup,
+    classification_eval_transform,
+    classification_train_transform,
+)
+from tocalib.reproductions.metrics import topk_correct
 from tocalib.reproductions.train.config import (
     AT_LEAST_ONE,
     BELOW_ONE,
@@ -48,12 +56,9 @@ from tocalib.reproductions.train.config import (
     RunConfig,
     parse_config,
 )
-from tocalib.reproductions.train.data import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
 from tocalib.reproductions.train.distributed import DistContext, ShardSampler, all_reduce_sum, batches_per_epoch
 from tocalib.reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
-from tocalib.reproductions.train.metrics import topk_correct
 from tocalib.reproductions.train.optim import WarmupCosine, no_decay_groups, scaled_lr
-from tocalib.reproductions.train.transforms import Mixup, classification_eval_transform, classification_train_transform
 
 __all__ = ["PRESETS", "ClassificationConfig", "ClassificationTask", "main", "soft_target_cross_entropy"]
 
@@ -83,10 +88,11 @@ class ClassificationConfig(RunConfig):
     eval_only: bool = False
     dataset: Literal["imagefolder", "fashion_mnist"] = "imagefolder"
     data: Path | None = None
-    img_size: int = 224
-    crop_pct: float = 0.9
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    img_size: int | None = None
+    crop_pct: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: Literal["bilinear", "bicubic"] | None = None
     epochs: int = 300
     warmup_epochs: int = 5
     eval_batch_size: int = 128
@@ -128,7 +134,7 @@ class ClassificationConfig(RunConfig):
                 f"--warmup-epochs ({self.warmup_epochs}) must be below --epochs ({self.epochs}); lower it, e.g. "
                 "--warmup-epochs 1 for a short run"
             )
-        if len(self.mean) != len(self.std):
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise ValueError(f"--mean has {len(self.mean)} values and --std {len(self.std)}: give one per channel")
 
 
@@ -219,43 +225,56 @@ class ClassificationTask:
         return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss / count}
 
 
-def build_datasets(config: ClassificationConfig) -> tuple[Dataset | None, Dataset, int]:
-    """(train set, validation set, number of classes) with the recipe's transforms; with ``--eval-only`` the train
-    set is None and only the validation data is read."""
-    eval_transform = classification_eval_transform(
-        size=config.img_size, crop_pct=config.crop_pct, mean=config.mean, std=config.std
+def preprocessing(config: ClassificationConfig) -> PretrainedCfg:
+    """The model's :class:`~tocalib.models.PretrainedCfg` (read from the model built on the meta device: no
+    weights, no compute) with the run's ``--img-size``, ``--crop-pct``, ``--mean``, ``--std`` and
+    ``--interpolation`` where given."""
+    with torch.device("meta"):
+        cfg = create_from_options("--model-kwargs", config.model, **config.model_kwargs).pretrained_cfg
+    given = {"crop_pct": config.crop_pct, "mean": config.mean, "std": config.std, "interpolation": config.interpolation}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if config.img_size is not None:
+        cfg = dataclasses.replace(cfg, input_size=(cfg.input_size[0], config.img_size, config.img_size))
+    if len(cfg.mean) != len(cfg.std):
+        raise ValueError(f"mean {cfg.mean} and std {cfg.std} differ in length: give --mean and --std one per channel")
+    return cfg
+
+
+def build_datasets(config: ClassificationConfig, cfg: PretrainedCfg) -> tuple[Dataset | None, Dataset, int]:
+    """(train set, validation set, number of classes) with the recipe's transforms at the size, normalisation and
+    interpolation of ``cfg`` (:func:`preprocessing`); with ``--eval-only`` the train set is None and only the
+    validation data is read."""
+    size = cfg.input_size[-1]
+    eval_transform = classification_eval_transform(size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation)
+    train_transform = classification_train_transform(
+        size=size,
+        scale=config.scale,
+        hflip=config.hflip,
+        auto_augment=config.auto_augment,
+        mean=cfg.mean,
+        std=cfg.std,
+        re_prob=config.reprob,
+        re_mode=config.remode,
+        re_count=config.recount,
+        interpolation=cfg.interpolation,
     )
     if config.dataset == "fashion_mnist":
         root = config.data or FASHION_MNIST_ROOT
         val = FashionMNIST(root, "test", transform=eval_transform)
-        train = None if config.eval_only else FashionMNIST(root, "train", transform=_train_transform(config))
+        train = None if config.eval_only else FashionMNIST(root, "train", transform=train_transform)
         return train, val, len(FashionMNIST.CLASSES)
     if config.data is None:
         raise ValueError("--data is required for --dataset imagefolder: a folder with train/ and val/ class folders")
     val = ImageFolder(config.data / "val", transform=eval_transform)
     if config.eval_only:
         return None, val, len(val.classes)
-    train = ImageFolder(config.data / "train", transform=_train_transform(config))
+    train = ImageFolder(config.data / "train", transform=train_transform)
     if train.classes != val.classes:
         raise ValueError(
             f"{config.data}/train and {config.data}/val must hold the same class folders; they differ in "
             f"{sorted(set(train.classes) ^ set(val.classes))[:10]}"
         )
     return train, val, len(train.classes)
-
-
-def _train_transform(config: ClassificationConfig) -> Callable[[Image.Image], Tensor]:
-    return classification_train_transform(
-        size=config.img_size,
-        scale=config.scale,
-        hflip=config.hflip,
-        auto_augment=config.auto_augment,
-        mean=config.mean,
-        std=config.std,
-        re_prob=config.reprob,
-        re_mode=config.remode,
-        re_count=config.recount,
-    )
 
 
 def build_model(config: ClassificationConfig, num_classes: int, log: RunLog) -> nn.Module:
@@ -275,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse the command line, train (or evaluate), return the last evaluation's metrics."""
     config = parse_config(ClassificationConfig, argv, PRESETS)
     with start_run(config.out, config.device, config.seed) as (ctx, log):
-        train_set, val_set, num_classes = build_datasets(config)
+        cfg = preprocessing(config)
+        train_set, val_set, num_classes = build_datasets(config, cfg)
         model = build_model(config, num_classes, log).to(ctx.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -36,7 +36,9 @@ from tocalib.models import load_official_state_dict
 from tocalib.models.heads import EncoderDecoder, load_mmengine_checkpoint, paca_segmentor, upernet_segmentor
 from tocalib.models.paca_vit import model_config
 from tocalib.reproductions.cli import command_line, create_from_options
-from tocalib.reproductions.eval import ade20k
+from tocalib.reproductions.data import ade20k
+from tocalib.reproductions.data.segmentation import TEXTURE_CLASSES, ADE20kTrain, TextureSegmentation
+from tocalib.reproductions.metrics import IoUAccumulator
 from tocalib.reproductions.train.config import (
     AT_LEAST_ONE,
     BELOW_ONE,
@@ -49,9 +51,7 @@ from tocalib.reproductions.train.config import (
 )
 from tocalib.reproductions.train.distributed import DistContext, ShardSampler
 from tocalib.reproductions.train.engine import RunLog, evaluate_only, run_training, start_run
-from tocalib.reproductions.train.metrics import IoUAccumulator
 from tocalib.reproductions.train.optim import WarmupPoly, custom_key_groups
-from tocalib.reproductions.train.seg_data import TEXTURE_CLASSES, ADE20kTrain, TextureSegmentation
 
 __all__ = [
     "PAPER_CUSTOM_KEYS",

@@ -14,11 +14,11 @@ from PIL import Image
 
 from tocalib.models import create_model
 from tocalib.models.heads import paca_segmentor
-from tocalib.reproductions.counting import build_row_model
-from tocalib.reproductions.eval import ade20k, check_eval_inputs, evaluate_row
-from tocalib.reproductions.eval.ade20k import NUM_CLASSES
+from tocalib.reproductions.data.ade20k import NUM_CLASSES
+from tocalib.reproductions.eval import ade20k
 from tocalib.reproductions.reproduce import main
 from tocalib.reproductions.tables import load_table
+from tocalib.reproductions.tasks import check_eval_inputs, evaluate_row, get_task
 
 TINY = "pacavit_tiny_p2cconv_100_0"
 
@@ -48,7 +48,7 @@ def _imagenet(tmp_path: Path) -> tuple[Path, Path]:
         for k in range(n):
             _image(data / name / f"ILSVRC2012_val_{c}{k}.JPEG", 60 + 10 * k, 80 - 7 * c, seed=10 * c + k)
     section, row = _row("table1", "imagenet", TINY)
-    state = build_row_model(section, row).state_dict()
+    state = get_task(section.task).build(row).state_dict()
     state["head.bias"] = torch.zeros(1000).index_fill_(0, torch.tensor([1]), 1e4)
     checkpoint = tmp_path / "ckpt" / row.checkpoint
     checkpoint.parent.mkdir()
@@ -91,7 +91,7 @@ def test_ade20k_miou_end_to_end(tmp_path: Path) -> None:
         Image.fromarray(labels).save(path)
         label_maps.append(labels)
     section, row = _row("table3", "ade20k", TINY, "paca")
-    model = build_row_model(section, row)
+    model = get_task(section.task).build(row)
     state = model.state_dict()
     state["decode_head.conv_seg.bias"] = torch.zeros(NUM_CLASSES).index_fill_(0, torch.tensor([1]), 1e4)
     checkpoint = tmp_path / row.checkpoint
@@ -172,7 +172,7 @@ def test_coco_ap_end_to_end(tmp_path: Path, optional_module) -> None:
     root = tmp_path / "coco"
     _coco_dataset(root)
     section, row = _row("table2", "coco", TINY)
-    model = build_row_model(section, row)
+    model = get_task(section.task).build(row)
     state = model.state_dict()
     state["roi_head.bbox_head.fc_cls.bias"] = torch.zeros(81).index_fill_(0, torch.tensor([0]), 10.0)
     checkpoint = tmp_path / row.checkpoint
@@ -193,7 +193,7 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
 
 
 def test_malformed_ade_folder_names_the_missing_annotation(tmp_path: Path) -> None:
-    from tocalib.reproductions.eval.ade20k import list_pairs
+    from tocalib.reproductions.data.ade20k import list_pairs
 
     root = tmp_path / "ADEChallengeData2016"
     _image(root / "images" / "validation" / "a.jpg", 8, 8, seed=0)

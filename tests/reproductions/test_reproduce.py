@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from tocalib.models.heads.flops import mask_rcnn_macs, segmentor_macs
-from tocalib.reproductions.counting import CountingPool, build_row_model, official_fvcore_skips
+from tocalib.reproductions.counting import CountingPool
 from tocalib.reproductions.report import RowResult
 from tocalib.reproductions.reproduce import main, reproduce_table
-from tocalib.reproductions.tables import TABLES, Number, load_table
+from tocalib.reproductions.tables import Number, load_table, table_names
+from tocalib.reproductions.tasks import get_task, official_fvcore_skips
 
 
 def test_table1_paca_tiny_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,7 +57,7 @@ def test_segmentation_count_is_segmentor_macs() -> None:
     section, row = next((s, r) for s, r in load_table("table3").rows if r.head == "paca")
     with CountingPool(1) as pool:
         (count,) = pool.counts([(section, row)])
-    assert count.macs == count.parts["all_ops"] == segmentor_macs(build_row_model(section, row), section.resolution)
+    assert count.macs == count.parts["all_ops"] == segmentor_macs(get_task(section.task).build(row), section.resolution)
 
 
 def test_checkpoints_without_data_is_an_error(tmp_path: Path) -> None:
@@ -65,7 +66,7 @@ def test_checkpoints_without_data_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TABLES)
+@pytest.mark.parametrize("name", table_names())
 def test_full_table_reproduces(name: str, tmp_path: Path) -> None:
     """Every row within tolerance or flagged as a README erratum that the official code's count confirms."""
     assert main([name, "--out", str(tmp_path)]) == 0
@@ -81,7 +82,7 @@ def test_split_detection_count_equals_mask_rcnn_macs() -> None:
     section, row = load_table("table2").rows[0]
     with CountingPool(1) as pool:
         (count,) = pool.counts([(section, row)])
-    whole = mask_rcnn_macs(build_row_model(section, row), section.resolution, convention="paper")
+    whole = mask_rcnn_macs(get_task(section.task).build(row), section.resolution, convention="paper")
     assert {part: count.parts[part] for part in whole if part != "total"} == {
         k: v for k, v in whole.items() if k != "total"
     }
@@ -94,8 +95,8 @@ def test_official_fvcore_skips_are_the_teacher_depthwise_convs() -> None:
     section, _ = load_table("table1").rows[0]
     rows = {row.model: row for _, row in load_table("table1").rows}
     with torch.device("meta"):
-        teacher = build_row_model(section, rows["pacavit_convmixer_small_100"])
-        plain = build_row_model(section, rows["pacavit_small_p2cconv_100_0"])
+        teacher = get_task(section.task).build(rows["pacavit_convmixer_small_100"])
+        plain = get_task(section.task).build(rows["pacavit_small_p2cconv_100_0"])
     names = official_fvcore_skips(teacher)
     assert len(names) == 2 + 2 + 2 + 2 + 3  # teacher depths 2,2,2,2 plus three FPN layers
     modules = dict(teacher.named_modules())
@@ -129,9 +130,9 @@ def test_with_all_a_failing_table_is_reported_and_the_others_run(tmp_path: Path,
     monkeypatch.setattr("tocalib.reproductions.reproduce.reproduce_table", fake)
     assert main(["all", "--out", str(tmp_path), "--workers", "1"]) == 1
     out = capsys.readouterr().out
-    assert ran == list(TABLES) and "table2 failed: RuntimeError: a broken row; the other tables go on" in out
+    assert ran == list(table_names()) and "table2 failed: RuntimeError: a broken row; the other tables go on" in out
     assert out.rstrip().endswith("failed: table2")
-    assert all((tmp_path / f"{name}.json").exists() for name in TABLES if name != "table2")
+    assert all((tmp_path / f"{name}.json").exists() for name in table_names() if name != "table2")
 
 
 def test_user_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:

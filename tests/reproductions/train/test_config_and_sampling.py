@@ -14,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from tocalib.reproductions.train.classification import ClassificationConfig
+from tocalib.models import create_model
+from tocalib.reproductions.train import classification
+from tocalib.reproductions.train.classification import ClassificationConfig, preprocessing
 from tocalib.reproductions.train.config import parse_config, to_jsonable
 from tocalib.reproductions.train.distributed import DistContext, ResumableSampler, ShardSampler, batches_per_epoch
 from tocalib.reproductions.train.segmentation import SegmentationConfig
@@ -160,7 +162,7 @@ def test_any_lr_and_betas_either_parse_within_the_rules_or_exit_with_one_line(lr
 @pytest.mark.parametrize(("argv", "message"), [
     (["--eval-only", "--pretrained", "w.pth", "--reset-head"], "would evaluate an untrained classifier"),
     (["--epochs", "2"], "--warmup-epochs (5) must be below --epochs (2)"),
-    (["--mean", "0.5", "0.5"], "--mean has 2 values and --std 3: give one per channel"),
+    (["--mean", "0.5", "0.5", "--std", "0.2"], "--mean has 2 values and --std 1: give one per channel"),
 ])  # fmt: skip
 def test_options_that_contradict_each_other_are_refused(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):
@@ -194,3 +196,14 @@ def test_the_training_command_lines_end_user_errors_in_one_line(tmp_path: Path, 
     assert command_line(classification.main, "classification", [*typo, "--out", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err.strip()
     assert "--model-kwargs: " in error and "unexpected keyword argument 'dept'" in error and "\n" not in error
+
+
+def test_preprocessing_is_the_models_pretrained_cfg_unless_given() -> None:
+    """Size, mean/std, interpolation and crop ratio travel with the model; the command line overrides them."""
+    default = preprocessing(parse_config(ClassificationConfig, []))
+    assert default == create_model("pacavit_tiny_p2cconv_100_0").pretrained_cfg
+    assert (default.input_size, default.crop_pct, default.interpolation) == ((3, 224, 224), 224 / 248, "bicubic")
+    fashion = preprocessing(parse_config(ClassificationConfig, ["--preset", "fashion_mnist"], classification.PRESETS))
+    assert (fashion.input_size[1:], fashion.mean, fashion.std, fashion.crop_pct) == ((28, 28), (0.286,), (0.353,), 1.0)
+    with pytest.raises(ValueError, match=r"mean .* and std .* differ in length"):
+        preprocessing(parse_config(ClassificationConfig, ["--mean", "0.5", "0.5"]))

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tocalib.reproductions.data.folders import CorruptImageError
 from tocalib.reproductions.train import classification, segmentation
 from tocalib.reproductions.train.config import parse_config
-from tocalib.reproductions.train.data import CorruptImageError
 
 TINY = {"embed_dims": [16, 32, 48, 64], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
 CLS_ARGS = ["--model-kwargs", json.dumps({**TINY, "num_clusters": [4, 2, 1, 0]}), "--img-size", "32"]

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from tocalib.reproductions.eval.ade20k import IGNORE, list_pairs, read_pair
-from tocalib.reproductions.eval.common import normalize, rescaled_size
+from tocalib.reproductions.data.ade20k import IGNORE, list_pairs, read_pair
+from tocalib.reproductions.data.images import normalize, rescaled_size
 
 __all__ = [
     "TEXTURE_CLASSES",

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tocalib.reproductions.train.metrics import IoUAccumulator
+from tocalib.reproductions.metrics import IoUAccumulator
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -148,7 +148,7 @@ _RANK_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     import torch.distributed as dist
-    from tocalib.reproductions.train.metrics import IoUAccumulator
+    from tocalib.reproductions.metrics import IoUAccumulator
 
     rank, store = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from tocalib.reproductions.eval.imagenet import preprocess
-from tocalib.reproductions.train.transforms import (
+from tocalib.models import PretrainedCfg, create_model
+from tocalib.reproductions.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RAND_AUGMENT_OPS,
@@ -33,6 +32,7 @@ from tocalib.reproductions.train.transforms import (
     rand_augment_transform,
     to_tensor,
 )
+from tocalib.reproductions.eval.imagenet import eval_transform
 
 
 def _image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -89,13 +89,16 @@ def _old_preprocess(image: Image.Image, crop: int, crop_pct: float) -> torch.Ten
 
 
 @pytest.mark.parametrize(("height", "width"), [(90, 61), (61, 90), (64, 64)])
-def test_eval_transform_and_preprocess_equal_the_reference(tmp_path: Path, height: int, width: int) -> None:
+def test_eval_transform_of_a_model_config_equals_the_reference(height: int, width: int) -> None:
+    """The evaluation reads PaCa-ViT's pretrained_cfg (bicubic, crop_pct 0.9, ImageNet mean/std)."""
     image = _image(height, width, seed=height)
-    path = tmp_path / "a.png"
-    image.save(path)
     expected = _old_preprocess(image, 48, 0.9)
     assert torch.equal(classification_eval_transform(48, 0.9)(image), expected)
-    assert torch.equal(preprocess(path, 48, 0.9), expected)
+    with torch.device("meta"):
+        cfg = create_model("pacavit_tiny_p2cconv_100_0").pretrained_cfg
+    assert torch.equal(eval_transform(cfg, crop=48)(image), expected)
+    other = PretrainedCfg(crop_pct=1.0, interpolation="bilinear")
+    assert not torch.equal(eval_transform(other, crop=48)(image), expected)
 
 
 def test_eval_transform_takes_gray_images_with_one_channel_statistics() -> None:

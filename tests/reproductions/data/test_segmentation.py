@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from tocalib.reproductions.eval.common import MMCV_MEAN, MMCV_STD, rescaled_size
-from tocalib.reproductions.train.seg_data import (
+from tocalib.reproductions.data.images import MMCV_MEAN, MMCV_STD, rescaled_size
+from tocalib.reproductions.data.segmentation import (
     TEXTURE_CLASSES,
     TEXTURE_ROWS,
     ADE20kTrain,

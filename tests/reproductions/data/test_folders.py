@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image, UnidentifiedImageError
 
-from tocalib.reproductions.train.data import IMAGE_SUFFIXES, CorruptImageError, FashionMNIST, ImageFolder, read_idx
+from tocalib.reproductions.data.folders import IMAGE_SUFFIXES, CorruptImageError, FashionMNIST, ImageFolder, read_idx
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
