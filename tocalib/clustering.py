@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tocalib._depthwise import depthwise_conv2d
 from tocalib._registry import Registry
 from tocalib.pooling import SCATTER_BACKENDS
 from tocalib.validation import check_int
@@ -200,6 +201,16 @@ class _ConvClustering(Clustering):
         taps = self.kernel_size**self.spatial_dims
         return num_tokens * self.dim * (taps + self.dim + self.num_clusters)
 
+    def _pointwise(self, mixed: Tensor) -> Tensor:
+        """The depthwise conv's output as (B, N, C) tokens → (B, M, N) logits: GELU, 1×1 conv, GELU, 1×1 conv.
+
+        The 1×1 convs run as linear maps on the token layout (their weights viewed as matrices): the same
+        numbers as the convs, faster on CPUs, where PyTorch's 1×1 conv backward is an im2col path.
+        """
+        _, act1, pointwise, act2, out = self.clustering
+        hidden = F.linear(act1(mixed), pointwise.weight.flatten(1), pointwise.bias)
+        return F.linear(act2(hidden), out.weight.flatten(1), out.bias).transpose(1, 2)
+
 
 @register_clustering("conv1d")
 class Conv1dClustering(_ConvClustering):
@@ -229,7 +240,9 @@ class Conv1dClustering(_ConvClustering):
         tokens = x.transpose(1, 2)
         if self.causal:
             tokens = F.pad(tokens, (self.kernel_size - 1, 0))
-        return self.clustering(tokens)
+        if torch.jit.is_tracing():  # the modules as they are, so that fvcore counts every MAC where it was
+            return self.clustering(tokens)
+        return self._pointwise(self.clustering[0](tokens).transpose(1, 2))
 
 
 @register_clustering("conv2d")
@@ -248,8 +261,11 @@ class Conv2dClustering(_ConvClustering):
         h, w = (check_int(f"size[{i}]", side, 1) for i, side in enumerate(size))
         if h * w != n:
             raise ValueError(f"size={tuple(size)} gives H*W={h * w} but x has N={n} tokens; they must match")
-        grid = x.transpose(1, 2).reshape(b, c, h, w)
-        return self.clustering(grid).flatten(2)
+        if torch.jit.is_tracing():  # the modules as they are, so that fvcore counts every MAC where it was
+            return self.clustering(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2)
+        grid = x.unflatten(1, (h, w)).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view: no copy
+        mixed = depthwise_conv2d(grid, self.clustering[0])  # channels-last too, so back to tokens is a view
+        return self._pointwise(mixed.permute(0, 2, 3, 1).flatten(1, 2))
 
 
 @register_clustering("hard")

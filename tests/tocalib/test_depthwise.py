@@ -1,0 +1,119 @@
+"""The depthwise conv with the fast backward pass: the same values and gradients as ``nn.Conv2d`` (double backward
+included), taken only where it applies, and the clustering functions built on it equal their module path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tocalib import ToCaAttention
+from tocalib._depthwise import _DepthwiseConv2d, depthwise_conv2d
+from tocalib.clustering import Conv1dClustering, Conv2dClustering
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 6),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    kernel=st.sampled_from([1, 3, 5, 7]),
+    data=st.data(),
+)
+def test_values_and_gradients_equal_nn_conv2d(batch, channels, height, width, kernel, data) -> None:
+    padding = (data.draw(st.integers(0, kernel - 1)), data.draw(st.integers(0, kernel - 1)))
+    if height + 2 * padding[0] < kernel or width + 2 * padding[1] < kernel:
+        return
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, kernel, padding=padding, groups=channels, dtype=torch.float64)
+    x = torch.randn(batch, channels, height, width, dtype=torch.float64, requires_grad=True)
+    y, reference = depthwise_conv2d(x, conv), conv(x)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_DepthwiseConv2dBackward"
+    torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)
+    theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_is_exact() -> None:
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for padding in ((1, 1), (0, 2)):
+        function = lambda x, w, b, p=padding: _DepthwiseConv2d.apply(x, w, b, p)  # noqa: E731
+        assert torch.autograd.gradcheck(function, (x, weight, bias))
+        assert torch.autograd.gradgradcheck(function, (x, weight, bias))
+
+
+def test_the_plain_conv_runs_where_the_fast_path_does_not_apply() -> None:
+    """No grad, a frozen weight, tracing, a stride or a non-depthwise conv: the module itself."""
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    assert type(depthwise_conv2d(x, conv).grad_fn).__name__ == "_DepthwiseConv2dBackward"
+    with torch.no_grad():
+        assert depthwise_conv2d(x, conv).grad_fn is None
+    conv.weight.requires_grad_(False)
+    assert type(depthwise_conv2d(x, conv).grad_fn).__name__ == "ConvolutionBackward0"
+    conv.weight.requires_grad_(True)
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return depthwise_conv2d(t, self.conv)
+
+    with pytest.warns(DeprecationWarning):  # torch.jit.trace is how fvcore counts MACs
+        traced = torch.jit.trace(Wrapped(), (x,))
+    graph = str(traced.inlined_graph)
+    assert "aten::_convolution" in graph and "PythonOp" not in graph
+    for other in (
+        nn.Conv2d(4, 4, 3, stride=2, groups=4),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=3, groups=4),
+    ):
+        assert type(depthwise_conv2d(x, other).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+@pytest.mark.parametrize("kind", [Conv2dClustering, Conv1dClustering])
+def test_conv_clustering_equals_its_modules(kind) -> None:
+    """The fast path (token layout, linear 1×1s, the depthwise backward) gives the modules' logits and gradients
+    (fp64: to rounding)."""
+    torch.manual_seed(0)
+    clustering = kind(12, 5, dtype=torch.float64)
+    x = torch.randn(2, 6 * 7, 12, dtype=torch.float64, requires_grad=True)
+    logits = clustering(x, size=(6, 7))
+    tokens = x.transpose(1, 2)
+    reference = clustering.clustering(tokens.reshape(2, 12, 6, 7) if kind is Conv2dClustering else tokens).flatten(2)
+    torch.testing.assert_close(logits, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(logits)
+    params = [x, *clustering.parameters()]
+    for a, b in zip(
+        torch.autograd.grad(logits, params, grad), torch.autograd.grad(reference, params, grad), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_mac_count_of_the_layer_is_unchanged_by_the_fast_path() -> None:
+    """fvcore traces the modules: its count equals the analytic one."""
+    pytest.importorskip("fvcore")
+    from tocalib.flops import mac_analysis
+
+    layer = ToCaAttention(32, 2, 10, "conv2d")
+    x = torch.randn(1, 64, 32)
+
+    class Grid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.layer(t, size=(8, 8))
+
+    assert mac_analysis(Grid(), x).total() == layer.macs(64)
