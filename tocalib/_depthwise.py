@@ -22,7 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["depthwise_conv2d"]
+__all__ = ["channels_first", "depthwise_conv2d"]
+
+
+def channels_first(t: Tensor) -> Tensor:
+    """A (B, C, H, W) tensor in contiguous NCHW memory. From channels-last memory this is one 2-D transposed copy
+    per image: PyTorch's CPU copy has a blocked kernel for 2-D transposes, several times faster than its general
+    strided copy on maps that leave the cache (1.6 ms against 6.4 ms for 96 × 128 × 128 floats on one core)."""
+    if t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous()
+    b, c, h, w = t.shape
+    rows = t.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    out = t.new_empty(b, c, h * w)
+    for image in range(b):
+        out[image].copy_(rows[image].t())
+    return out.view(b, c, h, w)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -38,15 +52,15 @@ class _DepthwiseConv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         (ph, pw), (kh, kw) = ctx.padding, weight.shape[-2:]
         b, c = grad.shape[:2]
-        grad = grad.contiguous()
+        grad = channels_first(grad)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=(kh - 1 - ph, kw - 1 - pw), groups=c)
         if ctx.needs_input_grad[1]:
-            padded = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1)  # (C, B, H + 2ph, W + 2pw)
-            stacked = padded.reshape(1, c * b, *padded.shape[-2:])  # channel c's B images are group c's inputs
+            planes = channels_first(x).transpose(0, 1)  # (C, B, H, W)
+            stacked = planes.reshape(1, c * b, *planes.shape[-2:])  # channel c's B images are group c's inputs
             # (H + 2ph) - H' + 1 = kh positions (H' = H + 2ph - kh + 1, the output's height): (1, C, kh, kw)
-            grad_w = F.conv2d(stacked, grad.transpose(0, 1), groups=c).transpose(0, 1)
+            grad_w = F.conv2d(stacked, grad.transpose(0, 1), padding=(ph, pw), groups=c).transpose(0, 1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None

@@ -208,8 +208,9 @@ class _ConvClustering(Clustering):
         numbers as the convs, faster on CPUs, where PyTorch's 1×1 conv backward is an im2col path.
         """
         _, act1, pointwise, act2, out = self.clustering
-        hidden = F.linear(act1(mixed), pointwise.weight.flatten(1), pointwise.bias)
-        return F.linear(act2(hidden), out.weight.flatten(1), out.bias).transpose(1, 2)
+        hidden = act2(F.linear(act1(mixed), pointwise.weight.flatten(1), pointwise.bias))
+        logits = torch.matmul(out.weight.flatten(1), hidden.transpose(1, 2))  # (B, M, N) contiguous, for the softmax
+        return logits if out.bias is None else logits + out.bias.unsqueeze(-1)
 
 
 @register_clustering("conv1d")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tocalib import ToCaAttention
-from tocalib._depthwise import _DepthwiseConv2d, depthwise_conv2d
+from tocalib._depthwise import _DepthwiseConv2d, channels_first, depthwise_conv2d
 from tocalib.clustering import Conv1dClustering, Conv2dClustering
 
 
@@ -40,14 +40,22 @@ def test_values_and_gradients_equal_nn_conv2d(batch, channels, height, width, ke
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_double_backward_is_exact() -> None:
-    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_double_backward_is_exact(memory_format: torch.memory_format) -> None:
+    """Also from channels-last memory (the tokens' layout), which the backward turns channels-first."""
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
     weight = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     for padding in ((1, 1), (0, 2)):
         function = lambda x, w, b, p=padding: _DepthwiseConv2d.apply(x, w, b, p)  # noqa: E731
         assert torch.autograd.gradcheck(function, (x, weight, bias))
         assert torch.autograd.gradgradcheck(function, (x, weight, bias))
+
+
+def test_channels_first_of_channels_last_memory() -> None:
+    t = torch.randn(3, 5, 4, 6).to(memory_format=torch.channels_last)
+    out = channels_first(t)
+    assert out.is_contiguous() and torch.equal(out, t)
 
 
 def test_the_plain_conv_runs_where_the_fast_path_does_not_apply() -> None:

@@ -82,3 +82,15 @@ def test_unknown_scatter_backend_is_named_in_the_error():
     x, index, weight = torch.randn(1, 3, 2), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3)
     with pytest.raises(ValueError, match="scatter backend 'cuda' is unknown"):
         scatter_mean_pool(x, index, weight, torch.ones(1, 2), backend="cuda")
+
+
+def test_soft_assign_with_every_cluster_live_is_the_general_expression_bit_for_bit() -> None:
+    """The CPU shortcut (every cluster has a token it may join) skips two passes, not a bit of the result."""
+    logits = torch.randn(2, 5, 33, requires_grad=True)
+    logits.data[0, 1, :7] = float("-inf")  # partly -inf: still live
+    live = torch.ones(2, 5, 1, dtype=torch.bool)
+    general = logits.masked_fill(~live, 0.0).softmax(dim=-1) * live
+    fast = soft_assign(logits)
+    assert torch.equal(fast, general)
+    grad = torch.randn_like(fast)
+    assert torch.equal(torch.autograd.grad(fast, logits, grad)[0], torch.autograd.grad(general, logits, grad)[0])
