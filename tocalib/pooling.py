@@ -60,7 +60,10 @@ def soft_assign(logits: Tensor, keep: Tensor | None = None) -> Tensor:
     if keep is not None:
         keep3 = keep.unsqueeze(1)  # (B, 1, N)
         scores = scores.masked_fill(~keep3, torch.finfo(dtype).min)
-    live = scores.amax(dim=-1, keepdim=True) != float("-inf")  # (B, M, 1): some token may join (NaN stays NaN)
+    if scores.shape[-1]:  # (B, M, 1): some token may join (NaN stays NaN)
+        live = scores.amax(dim=-1, keepdim=True) != float("-inf")
+    else:  # no token at all: every cluster is empty
+        live = torch.zeros(*scores.shape[:-1], 1, dtype=torch.bool, device=scores.device)
     if scores.device.type == "cpu" and not torch.compiler.is_compiling() and bool(live.all()):
         probs = scores.softmax(dim=-1)  # what the general line gives when every cluster is live, two passes fewer
     else:
