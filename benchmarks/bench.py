@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -69,6 +70,12 @@ class Settings:
     max_seconds: float  # but stop repeating after this long
     cell_seconds: float  # skip a cell whose predicted time for all its calls exceeds this
     cell_bytes: float  # skip a cell whose predicted peak memory exceeds this
+    goal_threads: tuple[int, ...]  # thread counts of the layer goals
+    goal_tokens: tuple[int, ...]  # N of the layer goals (C=96, 2 heads, M=100)
+    goal_detection: tuple[int, int]  # (H, W) of the backbone goals at batch 1 (the detection input)
+    goal_classification: tuple[int, int]  # (batch, side) of the small-image backbone goal and its checks
+    goal_training: tuple[tuple[str, int, int], ...]  # (model, batch, side) of the training throughputs
+    goal_reps: int  # interleaved rounds of every goal measurement
 
 
 FULL = Settings(
@@ -90,6 +97,12 @@ FULL = Settings(
     max_seconds=5.0,
     cell_seconds=90.0,
     cell_bytes=6 * 2**30,
+    goal_threads=(1, 2),
+    goal_tokens=(3136, 16384),
+    goal_detection=(800, 1280),
+    goal_classification=(8, 224),
+    goal_training=(("pacavit_tiny_p2cconv_100_0", 8, 224), ("pacavit_small_p2cconv_100_0", 2, 512)),
+    goal_reps=5,
 )
 QUICK = Settings(
     layer_configs=((32, 2),),
@@ -104,6 +117,12 @@ QUICK = Settings(
     max_seconds=1.0,
     cell_seconds=30.0,
     cell_bytes=2**30,
+    goal_threads=(1,),
+    goal_tokens=(64, 256),
+    goal_detection=(64, 96),
+    goal_classification=(1, 64),
+    goal_training=(("pacavit_tiny_p2cconv_100_0", 1, 64),),
+    goal_reps=1,
 )
 
 
@@ -384,15 +403,188 @@ def bench_profile(settings: Settings, bar: tqdm) -> list[Cell]:
         layer(x, size=(side, side)).sum().backward()  # warm-up
         with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             layer(x, size=(side, side)).sum().backward()
-        ops = prof.key_averages(group_by_input_shape=True)
-        total = sum(op.self_cpu_time_total for op in ops)
-        for op in sorted(ops, key=lambda op: op.self_cpu_time_total, reverse=True)[:PROFILE_TOP]:
-            shapes = ", ".join(str(tuple(shape)) for shape in op.input_shapes if shape)
-            share = op.self_cpu_time_total / total
-            cell = Cell("profile", f"C={dim},h={heads}", f"{op.key} {shapes}", tokens, op.self_cpu_time_total / 1e6)
-            cell.extra["share"] = share
-            cells.append(cell)
+        cells += _top_operators(prof, "profile", f"C={dim},h={heads}", tokens)
     return cells
+
+
+def _top_operators(prof: profile, part: str, config: str, size: int) -> list[Cell]:
+    """One cell per operator and input shapes of a profile, ``seconds`` = its self CPU time, the top
+    ``PROFILE_TOP``."""
+    ops = prof.key_averages(group_by_input_shape=True)
+    total = sum(op.self_cpu_time_total for op in ops)
+    cells = []
+    for op in sorted(ops, key=lambda op: op.self_cpu_time_total, reverse=True)[:PROFILE_TOP]:
+        shapes = ", ".join(str(tuple(shape)) for shape in op.input_shapes if shape)
+        cell = Cell(part, config, f"{op.key} {shapes}", size, op.self_cpu_time_total / 1e6)
+        cell.extra["share"] = op.self_cpu_time_total / total
+        cells.append(cell)
+    return cells
+
+
+# --- part e: the goals, measured side by side ----------------------------------------------------------
+
+
+def interleaved_medians(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds of each call over ``rounds`` rounds in which every call runs once, in turn (one warm-up
+    call each first), so that a slow spell of a shared machine hits every call alike."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """timm's own ``name`` in features-only mode, eval (``nox -s bench`` installs timm and a torchvision stand-in)."""
+    try:
+        import timm
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"timm is not importable ({err}): `nox -s bench` installs it with its torchvision stand-in"
+        ) from err
+    return timm.create_model(name, features_only=True, **kwargs).eval()
+
+
+ELEMENTWISE = ("aten::rsub",)
+"""Element-wise operators of timm's models that tocalib's MAC counter does not know (they do no MACs)."""
+
+GOAL_LAYER = {"ToCa M=100": 100, "full SDPA": 0}
+"""The layers of the layer goals (C=96, 2 heads; ToCa with PaCa's conv2d clustering)."""
+
+
+def _goal_layers(settings: Settings, bar: tqdm) -> list[Cell]:
+    cells = []
+    for threads in settings.goal_threads:
+        torch.set_num_threads(threads)
+        for tokens in settings.goal_tokens:
+            bar.set_description(f"goals: layers N={tokens}, {threads} threads")
+            bar.update()
+            side = math.isqrt(tokens)
+            x, grad = torch.randn(1, tokens, 96, requires_grad=True), torch.randn(1, tokens, 96)
+            layers = {
+                name: ToCaAttention(96, 2, m, "conv2d") if m else ToCaAttention(96, 2, 0)
+                for name, m in GOAL_LAYER.items()
+            }
+
+            def step(layer: ToCaAttention, x: Tensor = x, grad: Tensor = grad, side: int = side) -> None:
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                (layer(x, size=(side, side)) if layer.num_clusters else layer(x)).backward(grad)
+
+            medians = interleaved_medians(
+                {n: functools.partial(step, layer) for n, layer in layers.items()}, settings.goal_reps
+            )
+            cells += [Cell("goals", f"layer,threads={threads}", n, tokens, t) for n, t in medians.items()]
+    return cells
+
+
+def _inference(model: nn.Module, images: Tensor) -> Callable[[], None]:
+    def call() -> None:
+        with torch.inference_mode():
+            model(images)
+
+    return call
+
+
+def _goal_backbones(settings: Settings, bar: tqdm) -> list[Cell]:
+    """PaCa-ViT against timm's PVTv2-b2 and Swin-T (and the project's own PVTv2-b2 and Swin-T, a check of those
+    re-implementations) at the detection input and on a batch of small images, forward, features only."""
+    height, width = settings.goal_detection
+    batch, side = settings.goal_classification
+    swin = "swin_tiny_patch4_window7_224"
+    groups = {
+        f"1x3x{height}x{width}": (
+            torch.randn(1, 3, height, width),
+            {
+                "PaCa-Small": lambda: _backbone("pacavit_small_p2cconv_100_0"),
+                "timm pvt_v2_b2": lambda: timm_model("pvt_v2_b2"),
+                "timm swin_tiny": lambda: timm_model(swin, img_size=(height, width)),
+            },
+        ),
+        f"{batch}x3x{side}x{side}": (
+            torch.randn(batch, 3, side, side),
+            {
+                "PaCa-Tiny": lambda: _backbone("pacavit_tiny_p2cconv_100_0"),
+                "timm swin_tiny": lambda: timm_model(swin, img_size=(side, side)),
+                "own swin_tiny": lambda: _backbone(swin),
+                "timm pvt_v2_b2": lambda: timm_model("pvt_v2_b2"),
+                "own pvt_v2_b2": lambda: _backbone("pvt_v2_b2"),
+            },
+        ),
+    }
+    cells = []
+    for config, (images, builders) in groups.items():
+        bar.set_description(f"goals: backbones {config}")
+        bar.update()
+        calls, built = {}, {}
+        for name, build in builders.items():
+            try:
+                built[name] = build()
+            except ModuleNotFoundError as err:
+                cells.append(
+                    Cell("goals", config, name, images.shape[-2] * images.shape[-1], skipped=f"skipped: {err}")
+                )
+                continue
+            calls[name] = _inference(built[name], images)
+        for name, seconds in interleaved_medians(calls, settings.goal_reps).items():
+            params = sum(p.numel() for p in built[name].parameters())
+            with torch.no_grad():
+                macs = flops.mac_analysis(built[name], images[:1], not_macs=ELEMENTWISE).total()
+            extra = {"images_per_s": len(images) / seconds, "params": params, "macs": macs}
+            cells.append(Cell("goals", config, name, images.shape[-2] * images.shape[-1], seconds, extra=extra))
+    return cells
+
+
+def _goal_training(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Forward+backward throughput and peak memory: a classifier at small images, features at large ones."""
+    cells = []
+    for name, batch, side in settings.goal_training:
+        bar.set_description(f"goals: training {name} {batch}x{side}²")
+        bar.update()
+        features = side > 224
+        model = create_model(name, features_only=features).train()
+        images = torch.randn(batch, 3, side, side)
+
+        def step(model: nn.Module = model, images: Tensor = images, features: bool = features) -> None:
+            model.zero_grad(set_to_none=True)
+            out = model(images)
+            (sum(o.float().mean() for o in out) if features else out.float().mean()).backward()
+
+        peak = peak_bytes(step)
+        seconds = interleaved_medians({name: step}, settings.goal_reps)[name]
+        cell = Cell("goals", f"train,{batch}x3x{side}x{side}", name, side * side, seconds, float(peak))
+        cell.extra["images_per_s"] = batch / seconds
+        cells.append(cell)
+    return cells
+
+
+def bench_goals(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Part e: the goals of the CPU-speed issue, each pair measured interleaved in one run (medians): the ToCa
+    layer against full SDPA at 1 and 2 threads, PaCa-ViT against timm's PVTv2 and Swin, the training
+    throughput; the backbones at the run's ``--threads``."""
+    threads = torch.get_num_threads()
+    try:
+        cells = _goal_layers(settings, bar)
+    finally:
+        torch.set_num_threads(threads)
+    return cells + _goal_backbones(settings, bar) + _goal_training(settings, bar)
+
+
+def bench_model_profile(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Part f: the top operators of PaCa-Small's forward (features) at the detection input."""
+    height, width = settings.goal_detection
+    bar.set_description(f"profile PaCa-Small {height}x{width}")
+    bar.update()
+    model = _backbone("pacavit_small_p2cconv_100_0")
+    images = torch.randn(1, 3, height, width)
+    _inference(model, images)()
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _inference(model, images)()
+    return _top_operators(prof, "model profile", f"PaCa-Small {height}x{width}", height * width)
 
 
 # --- targets, report, plots ---------------------------------------------------------------------------
@@ -413,15 +605,6 @@ def targets(cells: list[Cell], settings: Settings) -> list[Target]:
     low, high = settings.exponent_range
     for dim, heads in settings.layer_configs:
         config = f"C={dim},h={heads}"
-        for tokens, factor in ((3136, 5.0), (16384, 30.0)):
-            if tokens in settings.layer_tokens:
-                speedup = _ratio(
-                    _seconds(cells, "layers", config, "full SDPA", tokens),
-                    _seconds(cells, "layers", config, "ToCa M=100", tokens),
-                )
-                ceiling = toca_macs(tokens, dim, heads, 0, None) / toca_macs(tokens, dim, heads, 100, "conv2d")
-                name = f"{config}: ToCa M=100 speed-up over full SDPA at N={tokens} (MAC ratio {ceiling:.1f})"
-                result.append(Target(name, speedup, factor))
         points = [
             (c.size, c.seconds)
             for c in cells
@@ -435,11 +618,32 @@ def targets(cells: list[Cell], settings: Settings) -> list[Target]:
                 result.append(
                     Target(f"{config}: ToCa forward GFLOP/s / matmul at N={c.size}", c.extra["fraction_of_matmul"], 0.5)
                 )
-    big = "800x1280"
-    paca = _seconds(cells, "models", big, "pacavit_small_p2cconv_100_0", 800 * 1280)
-    pvt = _seconds(cells, "models", big, "pvt_v2_b2", 800 * 1280)
-    if any(r[:2] == (800, 1280) for r in settings.resolutions):
-        result.append(Target("PaCa-Small backbone speed-up over PVTv2-b2 at 1280x800", _ratio(pvt, paca), 1.0))
+    return result + goal_targets(cells, settings)
+
+
+def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
+    """The CPU-speed issue's goals from part e's cells (speed-ups: the peer's time over ours)."""
+    result = []
+    for threads in settings.goal_threads:
+        config = f"layer,threads={threads}"
+        for tokens, goal in zip(settings.goal_tokens, (8.0, 40.0), strict=True):
+            ceiling = toca_macs(tokens, 96, 2, 0, None) / toca_macs(tokens, 96, 2, 100, "conv2d")
+            speedup = _ratio(*(_seconds(cells, "goals", config, m, tokens) for m in ("full SDPA", "ToCa M=100")))
+            name = (
+                f"ToCa layer fwd+bwd speed-up over full SDPA, N={tokens}, {threads} thread(s) (MAC ratio {ceiling:.1f})"
+            )
+            result.append(Target(name, speedup, goal))
+    height, width = settings.goal_detection
+    batch, side = settings.goal_classification
+    big, small = f"1x3x{height}x{width}", f"{batch}x3x{side}x{side}"
+    for config, ours, peer, goal in (
+        (big, "PaCa-Small", "timm pvt_v2_b2", 1.5),
+        (big, "PaCa-Small", "timm swin_tiny", 0.7),
+        (small, "PaCa-Tiny", "timm swin_tiny", 1.1),
+    ):
+        pixels = height * width if config == big else side * side
+        speedup = _ratio(*(_seconds(cells, "goals", config, m, pixels) for m in (peer, ours)))
+        result.append(Target(f"{ours} features speed-up over {peer} at {config}", speedup, goal))
     return result
 
 
@@ -454,6 +658,7 @@ def markdown(cells: list[Cell], goals: list[Target], header: dict[str, Any]) -> 
     for goal in goals:
         sign = "≥" if goal.higher_is_better else "≤"
         lines.append(f"| {goal.name} | {_fmt(goal.value)} | {sign} {goal.threshold:g} | {goal.verdict} |")
+    lines += _goal_tables(cells)
     for config in dict.fromkeys(c.config for c in cells if c.part == "layers"):
         rows = [c for c in cells if (c.part, c.config) == ("layers", config)]
         sizes = list(dict.fromkeys(c.size for c in rows))
@@ -478,9 +683,11 @@ def markdown(cells: list[Cell], goals: list[Target], header: dict[str, Any]) -> 
                 if c.method == method
             ]
             lines.append(f"| {method} | " + " | ".join(entries) + " |")
-    for config in dict.fromkeys(c.config for c in cells if c.part == "profile"):
-        rows = [c for c in cells if (c.part, c.config) == ("profile", config)]
-        lines += ["", f"## Profile: ToCa M=100 forward+backward, {config}, N={rows[0].size} (top self CPU time)", ""]
+    profiles = dict.fromkeys((c.part, c.config) for c in cells if c.part in ("profile", "model profile"))
+    for part, config in profiles:
+        rows = [c for c in cells if (c.part, c.config) == (part, config)]
+        what = f"ToCa M=100 forward+backward, {config}, N={rows[0].size}" if part == "profile" else f"{config} forward"
+        lines += ["", f"## Profile: {what} (top self CPU time)", ""]
         lines += ["| operator (input shapes) | ms | share |", "|---|---|---|"]
         lines += [f"| {c.method} | {c.seconds * 1e3:.1f} | {c.extra['share'] * 100:.0f} % |" for c in rows]
     lines += ["", "## Roof: forward GFLOP/s (2 × MACs / time)", "", "| what | N / side | GFLOP/s | of matmul |"]
@@ -489,6 +696,40 @@ def markdown(cells: list[Cell], goals: list[Target], header: dict[str, Any]) -> 
         fraction = _fmt(c.extra.get("fraction_of_matmul", 1.0) * 100, " %")
         lines.append(f"| {c.method} {c.config} | {c.size} | {c.extra['gflops']:.1f} | {fraction} |")
     return "\n".join(lines) + "\n"
+
+
+def _goal_tables(cells: list[Cell]) -> list[str]:
+    """Part e's measurements: the layers, the backbones (with params and MACs), the training throughput."""
+    goals = [c for c in cells if c.part == "goals"]
+    lines = []
+    layers = [c for c in goals if c.config.startswith("layer,")]
+    if layers:
+        lines += ["", "## Goals: ToCa layer vs full SDPA (C=96, 2 heads, M=100), forward+backward ms, medians", ""]
+        lines += ["| threads | N | ToCa M=100 | full SDPA | speed-up |", "|---|---|---|---|---|"]
+        for config, size in dict.fromkeys((c.config, c.size) for c in layers):
+            ours, peer = (_seconds(cells, "goals", config, m, size) for m in ("ToCa M=100", "full SDPA"))
+            threads = config.partition("=")[2]
+            lines.append(
+                f"| {threads} | {size} | {_fmt(ours * 1e3)} | {_fmt(peer * 1e3)} | {_fmt(_ratio(peer, ours))} |"
+            )
+    backbones = [c for c in goals if not c.config.startswith(("layer,", "train,"))]
+    if backbones:
+        lines += ["", "## Goals: backbones, features only, inference (interleaved medians)", ""]
+        lines += ["| input | model | ms | images/s | params (M) | GMACs per image |", "|---|---|---|---|---|---|"]
+        for c in backbones:
+            if c.seconds is None:
+                lines.append(f"| {c.config} | {c.method} | {c.skipped} | | | |")
+                continue
+            cells_text = f"{c.seconds * 1e3:.4g} | {c.extra['images_per_s']:.3g} | {c.extra['params'] / 1e6:.2f}"
+            lines.append(f"| {c.config} | {c.method} | {cells_text} | {c.extra['macs'] / 1e9:.2f} |")
+    training = [c for c in goals if c.config.startswith("train,")]
+    if training:
+        lines += ["", "## Goals: training step (forward+backward), medians", ""]
+        lines += ["| model | input | ms | images/s | peak MiB |", "|---|---|---|---|---|"]
+        for c in training:
+            shown = f"{c.seconds * 1e3:.4g} | {c.extra['images_per_s']:.3g} | {c.peak_bytes / 2**20:.0f}"
+            lines.append(f"| {c.method} | {c.config.partition(',')[2]} | {shown} |")
+    return lines
 
 
 def plots(cells: list[Cell], out: Path) -> list[Path]:
@@ -546,11 +787,20 @@ def main(argv: list[str] | None = None) -> list[Target]:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="output folder")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every measurement")
     parser.add_argument(
-        "--parts", default="layers,models,roof,profile", help="comma-separated subset of the parts to run"
+        "--parts",
+        default="goals,layers,models,roof,profile,model_profile",
+        help="comma-separated subset of the parts to run",
     )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    parts = {"layers": bench_layers, "models": bench_models, "roof": bench_roof, "profile": bench_profile}
+    parts = {
+        "goals": bench_goals,
+        "layers": bench_layers,
+        "models": bench_models,
+        "roof": bench_roof,
+        "profile": bench_profile,
+        "model_profile": bench_model_profile,
+    }
     chosen = args.parts.split(",")
     if unknown := set(chosen) - set(parts):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {sorted(parts)}")
@@ -568,6 +818,9 @@ def main(argv: list[str] | None = None) -> list[Target]:
         + ("models" in chosen) * len(settings.models) * len(settings.resolutions)
         + ("roof" in chosen) * (1 + len(settings.layer_configs) * len(settings.roof_tokens))
         + ("profile" in chosen) * len(settings.layer_configs)
+        + ("goals" in chosen)
+        * (len(settings.goal_threads) * len(settings.goal_tokens) + 2 + len(settings.goal_training))
+        + ("model_profile" in chosen)
     )
     cells: list[Cell] = []
     start = time.perf_counter()

@@ -9,9 +9,12 @@ convolution of the padded input with the output gradient as kernel,
 which runs in about a quarter of that time; the input gradient is the depthwise convolution of the output gradient
 with the flipped kernel. Both are written with differentiable operations, so double backward works too.
 
-:func:`depthwise_conv2d` takes this path only where it helps and changes nothing else: when autograd will need the
-weight gradient, outside tracing and compilation (fvcore's MAC counter, ``torch.jit.trace``, ``torch.compile`` and
-``torch.export`` see a plain ``F.conv2d``), on CPU, for stride 1, dilation 1 and a padding below the kernel size.
+That holds for one image. PyTorch's own kernel spreads a batch over its work and is fast from two images on
+(channels-last memory: 16.6 ms against 52 ms for the stacked grouped conv at 8 × 64 × 56², 2 threads), so
+:func:`depthwise_conv2d` takes this path only where it helps and changes nothing else: a batch of one, when autograd
+will need the weight gradient, outside tracing and compilation (fvcore's MAC counter, ``torch.jit.trace``,
+``torch.compile`` and ``torch.export`` see a plain ``F.conv2d``), on CPU, for stride 1, dilation 1 and a padding
+below the kernel size.
 """
 
 from __future__ import annotations
@@ -86,11 +89,12 @@ def depthwise_conv2d(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     """
     padding = _padding(conv.padding, conv.kernel_size)
     fast = (
-        torch.is_grad_enabled()
+        not torch.jit.is_tracing()  # first: a traced shape test would warn
+        and not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
         and conv.weight.requires_grad
         and x.device.type == "cpu"
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
+        and x.shape[0] == 1
         and conv.groups == conv.in_channels == conv.out_channels
         and conv.stride == (1, 1)
         and conv.dilation == (1, 1)

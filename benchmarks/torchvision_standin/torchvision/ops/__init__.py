@@ -1,0 +1,1 @@
+"""``torchvision.ops`` of the stand-in."""
