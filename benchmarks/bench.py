@@ -748,7 +748,7 @@ def plots(cells: list[Cell], out: Path) -> list[Path]:
     for key, label, scale in (
         ("seconds", "forward+backward time (ms)", 1e3),
         ("peak_bytes", "peak memory (MiB)", 2**-20),
-    ):
+    ) * bool(configs):  # none without part a
         fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.5), squeeze=False)
         for ax, config in zip(axes[0], configs, strict=True):
             for method in dict.fromkeys(c.method for c in layer_cells):
