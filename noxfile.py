@@ -178,7 +178,8 @@ def _table_session(path: Path) -> None:
     nox.session(name=f"reproduce_{path.stem}")(reproduce)
 
 
-# One session per table file (adding a table adds its session), in the runner's order (table2 before table10).
+# One session per table file (adding a table adds its session), in the runner's order (table2 before table10:
+# tocalib.reproductions.tables.table_names, which the noxfile cannot import, sorts the same way).
 for _path in sorted(
     (Path(__file__).parent / "reproductions" / "tables").glob("*.toml"),
     key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.stem)],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from tocalib.reproductions.tables import Row, Section
-from tocalib.reproductions.tasks import SKIPPED, get_task
+from tocalib.reproductions.tasks import SKIPPED, TASKS, Task, get_task
 
 __all__ = ["Count", "CountingPool", "ModelCounter", "num_params"]
 
@@ -83,10 +84,27 @@ _WORKER_COUNTER: ModelCounter | None = None
 """The :class:`ModelCounter` of a :class:`CountingPool` worker process (one per process, for the pool's lifetime)."""
 
 
-def _start_worker() -> None:
+def _start_worker(tasks: dict[str, Task] | None = None) -> None:
+    """One thread, a fresh counter, and the tasks registered in the parent process (a spawned worker imports
+    only the built-in ones)."""
     global _WORKER_COUNTER
     torch.set_num_threads(1)
     _WORKER_COUNTER = ModelCounter()
+    for name, task in (tasks or {}).items():
+        TASKS.setdefault(name, task)
+
+
+def _picklable_tasks() -> dict[str, Task]:
+    """This process's registered tasks, for the workers; a task that cannot be sent to them is an error."""
+    for name, task in TASKS.items():
+        try:
+            pickle.dumps(task)
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise ValueError(
+                f"the task {name!r} ({type(task).__qualname__}) cannot be sent to worker processes ({err}): define its "
+                "class at the top level of an importable module, or count in this process with workers=1"
+            ) from None
+    return dict(TASKS)
 
 
 def _announce(section: Section, row: Row) -> None:
@@ -138,7 +156,10 @@ class CountingPool:
             _InProcess()
             if workers == 1
             else ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(_picklable_tasks(),),
             )
         )
         self._shared: dict[tuple[str, tuple[int, int]], Future[dict[str, int]]] = {}

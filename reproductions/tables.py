@@ -45,7 +45,8 @@ ERRATA_FIELDS = ("params", "flops", "link")
 
 
 def table_names(directory: Path = TABLES_DIR) -> list[str]:
-    """The tables of ``directory``: its ``*.toml`` files' names, in natural order (``table2`` before ``table10``)."""
+    """The tables of ``directory``: its ``*.toml`` files' names, in natural order (``table2`` before ``table10``;
+    the noxfile's per-table sessions follow the same order)."""
     natural = [
         (tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", f.stem)), f.stem)
         for f in directory.glob("*.toml")

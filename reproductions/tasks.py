@@ -42,9 +42,9 @@ __all__ = [
     "SKIPPED",
     "SKIPPED_NOTE",
     "TASKS",
-    "ClassificationTask",
-    "DetectionTask",
-    "SegmentationTask",
+    "ADE20kTask",
+    "COCOTask",
+    "ImageNetTask",
     "Task",
     "check_eval_inputs",
     "evaluate_row",
@@ -147,7 +147,7 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-class ClassificationTask(Task):
+class ImageNetTask(Task):
     """ImageNet-1k classifiers. Counting: the whole model, 1000-way head included, fvcore rules plus tocalib's
     handles (:func:`tocalib.flops.mac_analysis`) on one (1, 3, H, W) image; mean pooling does no MACs.
     Evaluation: top-1/top-5 (:func:`tocalib.reproductions.eval.imagenet.evaluate`)."""
@@ -197,7 +197,7 @@ class _FixedFeatures(nn.Module):
         return [getattr(self, f"feature{i}") + anchor for i in range(self.count)]
 
 
-class DetectionTask(Task):
+class COCOTask(Task):
     """MS-COCO Mask R-CNN. Counting: params of every module; MACs of backbone + FPN + RPN + box head on 1000
     proposals + mask head on 100 RoIs (:func:`tocalib.models.heads.flops.mask_rcnn_macs`, convention ``"paper"``).
 
@@ -250,7 +250,7 @@ class DetectionTask(Task):
         return coco.evaluate(model, root, log=log, **settings)
 
 
-class SegmentationTask(Task):
+class ADE20kTask(Task):
     """ADE20k semantic segmentation with a row's ``head``: UperNet or the PaCa head. Counting: params of every
     module (UperNet's FCN auxiliary head included); MACs of backbone + decode head on one image, the eval-mode
     forward that :func:`tocalib.models.heads.flops.segmentor_macs` traces. Evaluation: mIoU and aAcc
@@ -280,7 +280,7 @@ class SegmentationTask(Task):
         return ade20k.evaluate(model, root, log=log, **settings)
 
 
-for _task in (ClassificationTask(), DetectionTask(), SegmentationTask()):
+for _task in (ImageNetTask(), COCOTask(), ADE20kTask()):
     register_task(_task)
 
 

@@ -12,7 +12,7 @@ with the flipped kernel. Both are written with differentiable operations, so dou
 That holds for one image. PyTorch's own kernel spreads a batch over its work and is fast from two images on
 (channels-last memory: 16.6 ms against 52 ms for the stacked grouped conv at 8 × 64 × 56², 2 threads), so
 :func:`depthwise_conv2d` takes this path only where it helps and changes nothing else: a batch of one, when autograd
-will need the weight gradient, outside tracing and compilation (fvcore's MAC counter, ``torch.jit.trace``,
+will need the weight gradient, outside autocast, tracing and compilation (fvcore's MAC counter, ``torch.jit.trace``,
 ``torch.compile`` and ``torch.export`` see a plain ``F.conv2d``), on CPU, for stride 1, dilation 1 and a padding
 below the kernel size.
 """
@@ -91,6 +91,7 @@ def depthwise_conv2d(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     fast = (
         not torch.jit.is_tracing()  # first: a traced shape test would warn
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)  # autocast casts per op; the backward would mix dtypes
         and torch.is_grad_enabled()
         and conv.weight.requires_grad
         and x.device.type == "cpu"

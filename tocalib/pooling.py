@@ -64,7 +64,8 @@ def soft_assign(logits: Tensor, keep: Tensor | None = None) -> Tensor:
         live = scores.amax(dim=-1, keepdim=True) != float("-inf")
     else:  # no token at all: every cluster is empty
         live = torch.zeros(*scores.shape[:-1], 1, dtype=torch.bool, device=scores.device)
-    if scores.device.type == "cpu" and not torch.compiler.is_compiling() and bool(live.all()):
+    fixed_graph = torch.jit.is_tracing() or torch.compiler.is_compiling()  # no data-dependent branch there
+    if scores.device.type == "cpu" and not fixed_graph and bool(live.all()):
         probs = scores.softmax(dim=-1)  # what the general line gives when every cluster is live, two passes fewer
     else:
         probs = scores.masked_fill(~live, 0.0).softmax(dim=-1) * live

@@ -48,7 +48,13 @@ def evaluate(
     The sorted class folders must be the model's classes, one per output. ``allow_fewer_classes`` accepts K
     folders for the model's first K classes (a quick check of the pipeline on part of the data; the result
     is then not the paper's number)."""
-    dataset = ImageFolder(root, eval_transform(model.pretrained_cfg, crop))
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, PretrainedCfg):
+        raise ValueError(
+            f"{type(model).__name__} has no pretrained_cfg (a tocalib.models.PretrainedCfg) saying how its inputs "
+            "are resized and normalised: build it with tocalib.models.create_model, or set model.pretrained_cfg"
+        )
+    dataset = ImageFolder(root, eval_transform(cfg, crop))
     model.eval()
     correct1 = correct5 = 0
     for i, (images, labels) in enumerate(DataLoader(dataset, batch_size=batch_size)):

@@ -1,6 +1,6 @@
 """Each accuracy path end to end: a tiny dataset in the standard layout, a checkpoint of random weights in the
-released format, :func:`tocalib.reproductions.eval.evaluate_row`. Classifier biases are set so that the expected metric
-is known exactly; small input sizes keep the tests fast."""
+released format, :func:`tocalib.reproductions.tasks.evaluate_row`. Classifier biases are set so that the expected
+metric is known exactly; small input sizes keep the tests fast."""
 
 from __future__ import annotations
 
@@ -200,3 +200,12 @@ def test_malformed_ade_folder_names_the_missing_annotation(tmp_path: Path) -> No
     (root / "annotations" / "validation").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"annotation .*a\.png"):
         list_pairs(root)
+
+
+def test_imagenet_evaluation_needs_the_models_preprocessing(tmp_path: Path) -> None:
+    from torch import nn
+
+    from tocalib.reproductions.eval import imagenet
+
+    with pytest.raises(ValueError, match=r"Linear has no pretrained_cfg .* build it with tocalib.models.create_model"):
+        imagenet.evaluate(nn.Linear(3, 2), tmp_path)

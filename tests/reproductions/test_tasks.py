@@ -4,6 +4,7 @@ paper tasks build, count and name their data layout through it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from tocalib.reproductions.reproduce import main
 from tocalib.reproductions.tables import TableFormatError, load_table, table_names
 from tocalib.reproductions.tasks import (
     TASKS,
-    ClassificationTask,
+    ImageNetTask,
     Task,
     check_eval_inputs,
     get_task,
@@ -72,21 +73,45 @@ def test_a_new_table_is_a_file(tmp_path: Path) -> None:
     assert f"{record['params_reproduced'] / 1e6:.3f}" == params
 
 
-def test_a_new_kind_of_task_is_one_registered_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def registry() -> Iterator[dict[str, Task]]:
+    """The task registry, restored after the test."""
+    saved = dict(TASKS)
+    yield TASKS
+    TASKS.clear()
+    TASKS.update(saved)
+
+
+def test_a_new_kind_of_task_is_one_registered_class(tmp_path: Path, registry: dict[str, Task]) -> None:
     """A 10-way fine-tuning task (the classifier rebuilt with 10 outputs), registered once, serves a table."""
 
-    class TenWay(ClassificationTask):
+    class TenWay(ImageNetTask):
         name = "ten_way"
 
         def build(self, row):
             return self.backbone(row, num_classes=10).eval()
 
-    monkeypatch.setitem(TASKS, "ten_way", TenWay())
+    register_task(TenWay())
     params, flops = _reference(create_model(TINY, num_classes=10), (64, 64))
     assert params != _reference(create_model(TINY), (64, 64))[0]  # the head differs, so the count must too
     (tmp_path / "mine.toml").write_text(_table("ten_way", params, flops), encoding="utf-8")
     out = tmp_path / "out"
     assert main(["mine", "--tables-dir", str(tmp_path), "--out", str(out), "--workers", "1"]) == 0
+    (record,) = json.loads((out / "mine.json").read_text(encoding="utf-8"))["rows"]
+    assert (record["params_status"], record["flops_status"]) == ("ok", "ok")
+    with pytest.raises(SystemExit, match=r"'ten_way' .*cannot be sent to worker processes .* workers=1"):
+        main(["mine", "--tables-dir", str(tmp_path), "--out", str(out), "--workers", "2"])
+
+
+def test_worker_processes_receive_the_registered_tasks(tmp_path: Path, registry: dict[str, Task]) -> None:
+    """A task registered here (an importable class under a new name) is counted by spawned workers too."""
+    again = ImageNetTask()
+    again.name = "classification_again"
+    register_task(again)
+    params, flops = _reference(create_model(TINY), (64, 64))
+    (tmp_path / "mine.toml").write_text(_table("classification_again", params, flops), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["mine", "--tables-dir", str(tmp_path), "--out", str(out), "--workers", "2"]) == 0
     (record,) = json.loads((out / "mine.json").read_text(encoding="utf-8"))["rows"]
     assert (record["params_status"], record["flops_status"]) == ("ok", "ok")
 
@@ -102,7 +127,7 @@ def test_an_unknown_task_or_table_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"--tables-dir .*nowhere is not a folder"):
         main(["mine", "--tables-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="'classification' is already registered"):
-        register_task(ClassificationTask())
+        register_task(ImageNetTask())
 
 
 def test_tables_are_discovered_in_natural_order(tmp_path: Path) -> None:

@@ -85,12 +85,20 @@ def test_unknown_scatter_backend_is_named_in_the_error():
 
 
 def test_soft_assign_with_every_cluster_live_is_the_general_expression_bit_for_bit() -> None:
-    """The CPU shortcut (every cluster has a token it may join) skips two passes, not a bit of the result."""
-    logits = torch.randn(2, 5, 33, requires_grad=True)
-    logits.data[0, 1, :7] = float("-inf")  # partly -inf: still live
-    live = torch.ones(2, 5, 1, dtype=torch.bool)
-    general = logits.masked_fill(~live, 0.0).softmax(dim=-1) * live
-    fast = soft_assign(logits)
-    assert torch.equal(fast, general)
+    """The CPU shortcut (every cluster has a token it may join) skips two passes, not a bit of the result: the
+    same logits with one cluster dead (-inf everywhere) take the general path, whose other rows must agree."""
+    logits = torch.randn(2, 5, 33)
+    logits[0, 1, :7] = float("-inf")  # partly -inf: still live
+    dead = logits.clone()
+    dead[1, 3] = float("-inf")
+    logits.requires_grad_()
+    dead.requires_grad_()
+    fast, general = soft_assign(logits), soft_assign(dead)
+    assert torch.equal(general[1, 3], torch.zeros(33))  # the dead cluster: zero, not NaN
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 3] = False
+    assert torch.equal(fast[keep], general[keep])
     grad = torch.randn_like(fast)
-    assert torch.equal(torch.autograd.grad(fast, logits, grad)[0], torch.autograd.grad(general, logits, grad)[0])
+    fast_grad = torch.autograd.grad(fast, logits, grad)[0]
+    general_grad = torch.autograd.grad(general, dead, grad)[0]
+    assert torch.equal(fast_grad[keep], general_grad[keep]) and torch.equal(general_grad[1, 3], torch.zeros(33))
