@@ -210,7 +210,7 @@ def fit_exponent(points: Iterable[tuple[int, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
-# --- part a: layers -----------------------------------------------------------------------------------
+# --- part b: layers -----------------------------------------------------------------------------------
 
 
 class _Layer(nn.Module):
@@ -272,7 +272,7 @@ LAYERS: dict[str, Callable[[int, int, int], _Layer]] = {
 
 
 def bench_layers(settings: Settings, bar: tqdm) -> list[Cell]:
-    """Part a: forward+backward seconds and peak bytes of every layer at every N (B = 1)."""
+    """Part b: forward+backward seconds and peak bytes of every layer at every N (B = 1)."""
     cells = []
     for dim, heads in settings.layer_configs:
         config = f"C={dim},h={heads}"
@@ -321,7 +321,7 @@ def _over_budget(
     return None
 
 
-# --- part b: models -----------------------------------------------------------------------------------
+# --- part c: models -----------------------------------------------------------------------------------
 
 
 def _backbone(name: str) -> nn.Module:
@@ -330,7 +330,7 @@ def _backbone(name: str) -> nn.Module:
 
 
 def bench_models(settings: Settings, bar: tqdm) -> list[Cell]:
-    """Part b: inference images/s and peak bytes of every backbone at every resolution."""
+    """Part c: inference images/s and peak bytes of every backbone at every resolution."""
     cells = []
     for name in settings.models:
         model: nn.Module | None = None
@@ -359,11 +359,11 @@ def bench_models(settings: Settings, bar: tqdm) -> list[Cell]:
     return cells
 
 
-# --- part c: roof -------------------------------------------------------------------------------------
+# --- part d: roof -------------------------------------------------------------------------------------
 
 
 def bench_roof(settings: Settings, bar: tqdm) -> list[Cell]:
-    """Part c: GFLOP/s of a square fp32 matmul and of the ToCa layer's forward pass (M = 100)."""
+    """Part d: GFLOP/s of a square fp32 matmul and of the ToCa layer's forward pass (M = 100)."""
     n = settings.roof_size
     a, b = torch.randn(n, n), torch.randn(n, n)
     bar.set_description(f"roof matmul {n}²")
@@ -392,14 +392,14 @@ def bench_roof(settings: Settings, bar: tqdm) -> list[Cell]:
     return cells
 
 
-# --- part d: profile ----------------------------------------------------------------------------------
+# --- part e: profile ----------------------------------------------------------------------------------
 
 PROFILE_TOP = 10
 """Operators listed per profiled configuration."""
 
 
 def bench_profile(settings: Settings, bar: tqdm) -> list[Cell]:
-    """Part d: where the ToCa layer (M = 100) spends a forward+backward pass at the largest N ≤ 16,384.
+    """Part e: where the ToCa layer (M = 100) spends a forward+backward pass at the largest N ≤ 16,384.
 
     One cell per operator and input shapes, ``seconds`` = its self CPU time, the top ``PROFILE_TOP`` kept.
     """
@@ -432,7 +432,7 @@ def _top_operators(prof: profile, part: str, config: str, size: int) -> list[Cel
     return cells
 
 
-# --- part e: the goals, measured side by side ----------------------------------------------------------
+# --- part a: the goals, measured side by side; part f: the model profile -----------------------------
 
 
 def interleaved_medians(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
@@ -574,7 +574,7 @@ def _goal_training(settings: Settings, bar: tqdm) -> list[Cell]:
 
 
 def bench_goals(settings: Settings, bar: tqdm) -> list[Cell]:
-    """Part e: the goals of the CPU-speed issue, each pair measured interleaved in one run (medians): the ToCa
+    """Part a: the goals of the CPU-speed issue, each pair measured interleaved in one run (medians): the ToCa
     layer against full SDPA at 1 and 2 threads, PaCa-ViT against timm's PVTv2 and Swin, the training
     throughput; the backbones at the run's ``--threads``."""
     threads = torch.get_num_threads()
@@ -633,7 +633,7 @@ def targets(cells: list[Cell], settings: Settings) -> list[Target]:
 
 
 def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
-    """The CPU-speed issue's goals from part e's cells (speed-ups: the peer's time over ours)."""
+    """The CPU-speed issue's goals from part a's cells (speed-ups: the peer's time over ours)."""
     result = []
     for threads in settings.goal_threads:
         config = f"layer,threads={threads}"
@@ -711,7 +711,7 @@ def markdown(cells: list[Cell], goals: list[Target], header: dict[str, Any]) -> 
 
 
 def _goal_tables(cells: list[Cell]) -> list[str]:
-    """Part e's measurements: the layers, the backbones (with params and MACs), the training throughput."""
+    """Part a's measurements: the layers, the backbones (with params and MACs), the training throughput."""
     goals = [c for c in cells if c.part == "goals"]
     lines = []
     layers = [c for c in goals if c.config.startswith("layer,")]
@@ -745,7 +745,7 @@ def _goal_tables(cells: list[Cell]) -> list[str]:
 
 
 def plots(cells: list[Cell], out: Path) -> list[Path]:
-    """Log-log plots of part a (time, memory) and part b (throughput); none without matplotlib."""
+    """Log-log plots of part b (time, memory) and part c (throughput); none without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: no plots (`nox -s bench` installs it)")
         return []
