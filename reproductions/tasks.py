@@ -20,6 +20,7 @@ README's convention is their difference.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -169,6 +170,24 @@ class ImageNetTask(Task):
         return imagenet.evaluate(model, root, log=log, allow_fewer_classes=allow_fewer_classes, **settings)
 
 
+class _DenseTask(Task):
+    """A dense-prediction task: its checkpoints are mmengine files (mmdet, mmseg), and its evaluation
+    (``tocalib.reproductions.eval.<evaluator>.evaluate``) runs on whatever images ``root`` holds, so
+    ``allow_fewer_classes`` changes nothing."""
+
+    evaluator: ClassVar[str]
+    """The module of :mod:`tocalib.reproductions.eval` that evaluates this task."""
+
+    def load(self, model: nn.Module, checkpoint: Path) -> None:
+        load_mmengine_checkpoint(model, checkpoint)
+
+    def run_evaluation(
+        self, model: nn.Module, root: Path, log: Callable[[str], None], allow_fewer_classes: bool, **settings: Any
+    ) -> dict[str, float]:
+        module = importlib.import_module(f"tocalib.reproductions.eval.{self.evaluator}")  # pycocotools on demand
+        return module.evaluate(model, root, log=log, **settings)
+
+
 class _Pyramid(nn.Module):
     """Backbone + FPN of a Mask R-CNN as one traceable module (the image → P2–P6 part)."""
 
@@ -197,7 +216,7 @@ class _FixedFeatures(nn.Module):
         return [getattr(self, f"feature{i}") + anchor for i in range(self.count)]
 
 
-class COCOTask(Task):
+class COCOTask(_DenseTask):
     """MS-COCO Mask R-CNN. Counting: params of every module; MACs of backbone + FPN + RPN + box head on 1000
     proposals + mask head on 100 RoIs (:func:`tocalib.models.heads.flops.mask_rcnn_macs`, convention ``"paper"``).
 
@@ -208,6 +227,7 @@ class COCOTask(Task):
     forward, no compute). Evaluation: box and mask AP (:func:`tocalib.reproductions.eval.coco.evaluate`)."""
 
     name = "detection"
+    evaluator = "coco"
     data_layout = "val2017/*.jpg and annotations/instances_val2017.json (COCO 2017)"
     shared_parts = ("rpn_head", "bbox_head", "mask_head")
 
@@ -236,27 +256,15 @@ class COCOTask(Task):
             counts = mask_rcnn_macs(stand_in, resolution, convention="paper")
         return {name: counts[name] for name in self.shared_parts}
 
-    def load(self, model: nn.Module, checkpoint: Path) -> None:
-        load_mmengine_checkpoint(model, checkpoint)
 
-    def run_evaluation(
-        self, model: nn.Module, root: Path, log: Callable[[str], None], allow_fewer_classes: bool, **settings: Any
-    ) -> dict[str, float]:
-        """Box and mask AP on the images of ``root`` (any subset evaluates: ``allow_fewer_classes`` changes
-        nothing)."""
-        from tocalib.reproductions.eval import coco
-
-        assert isinstance(model, MaskRCNN)
-        return coco.evaluate(model, root, log=log, **settings)
-
-
-class ADE20kTask(Task):
+class ADE20kTask(_DenseTask):
     """ADE20k semantic segmentation with a row's ``head``: UperNet or the PaCa head. Counting: params of every
     module (UperNet's FCN auxiliary head included); MACs of backbone + decode head on one image, the eval-mode
     forward that :func:`tocalib.models.heads.flops.segmentor_macs` traces. Evaluation: mIoU and aAcc
     (:func:`tocalib.reproductions.eval.ade20k.evaluate`)."""
 
     name = "segmentation"
+    evaluator = "ade20k"
     data_layout = "images/validation/*.jpg and annotations/validation/*.png (ADEChallengeData2016)"
     heads = ("upernet", "paca")
 
@@ -264,20 +272,6 @@ class ADE20kTask(Task):
         backbone = self.backbone(row, features_only=True)
         build = upernet_segmentor if row.head == "upernet" else paca_segmentor
         return build(backbone, backbone.feature_info.channels()).eval()
-
-    def load(self, model: nn.Module, checkpoint: Path) -> None:
-        load_mmengine_checkpoint(model, checkpoint)
-
-    def run_evaluation(
-        self, model: nn.Module, root: Path, log: Callable[[str], None], allow_fewer_classes: bool, **settings: Any
-    ) -> dict[str, float]:
-        """mIoU and aAcc on the images of ``root`` (any subset evaluates: ``allow_fewer_classes`` changes
-        nothing)."""
-        from tocalib.models.heads import EncoderDecoder
-        from tocalib.reproductions.eval import ade20k
-
-        assert isinstance(model, EncoderDecoder)
-        return ade20k.evaluate(model, root, log=log, **settings)
 
 
 for _task in (ImageNetTask(), COCOTask(), ADE20kTask()):
