@@ -7,7 +7,8 @@ convolution of the padded input with the output gradient as kernel,
     ∂L/∂w[c, i, j] = Σ_{b, h, w} x_pad[b, c, h + i, w + j] · g[b, c, h, w],
 
 which runs in about a quarter of that time; the input gradient is the depthwise convolution of the output gradient
-with the flipped kernel. Both are written with differentiable operations, so double backward works too.
+with the flipped kernel. Both are written with differentiable operations, so double backward works too, and
+the function has a forward-mode rule (``jvp``) and a generated vmap rule, so ``torch.func`` transforms it.
 
 That holds for one image. PyTorch's own kernel spreads a batch over its work and is fast from two images on
 (channels-last memory: 16.6 ms against 52 ms for the stacked grouped conv at 8 × 64 × 56², 2 threads), so
@@ -43,12 +44,39 @@ def channels_first(t: Tensor) -> Tensor:
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
+    generate_vmap_rule = True  # forward, backward and jvp are torch operations: torch.func transforms them
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+        return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, bias, padding = inputs
         ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
         ctx.padding = padding
         ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _: None) -> Tensor:
+        """Forward mode: the conv is bilinear in (x, weight), plus the bias."""
+        x, weight = ctx.saved_tensors
+        groups, tangent = x.shape[1], None
+        for t in (
+            None if x_t is None else F.conv2d(x_t, weight, padding=ctx.padding, groups=groups),
+            None if weight_t is None else F.conv2d(x, weight_t, padding=ctx.padding, groups=groups),
+        ):
+            if t is not None:
+                tangent = t if tangent is None else tangent + t
+        if bias_t is not None:
+            bias_term = bias_t.view(1, -1, 1, 1)
+            tangent = (
+                bias_term.expand(x.shape[0], -1, *_output_size(x, weight, ctx.padding))
+                if tangent is None
+                else tangent + bias_term
+            )
+        return tangent
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -67,6 +95,10 @@ class _DepthwiseConv2d(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None
+
+
+def _output_size(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> tuple[int, int]:
+    return x.shape[-2] + 2 * padding[0] - weight.shape[-2] + 1, x.shape[-1] + 2 * padding[1] - weight.shape[-1] + 1
 
 
 def _padding(padding: int | tuple[int, ...] | str, kernel: tuple[int, int]) -> tuple[int, int] | None:

@@ -140,3 +140,37 @@ def test_autocast_takes_the_plain_conv() -> None:
     assert type(y.grad_fn).__name__ != "_DepthwiseConv2dBackward"
     y.float().sum().backward()
     assert conv.weight.grad is not None and x.grad is not None
+
+
+def test_torch_func_transforms_and_forward_mode() -> None:
+    """torch.func's grad, jvp, vmap and jacrev, and forward-mode dual numbers, through the fast path: the plain
+    conv's results (fp64)."""
+    from torch.func import grad, jacrev, jvp, vmap
+
+    torch.manual_seed(0)
+    weight = torch.randn(3, 1, 3, 3, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64)
+    ours = lambda x, w, b: _DepthwiseConv2d.apply(x, w, b, (1, 1))  # noqa: E731
+    theirs = lambda x, w, b: torch.nn.functional.conv2d(x, w, b, padding=1, groups=3)  # noqa: E731
+    for argnums in (0, 1, 2):
+        a = grad(lambda *t: ours(*t).square().sum(), argnums=argnums)(x, weight, bias)
+        b = grad(lambda *t: theirs(*t).square().sum(), argnums=argnums)(x, weight, bias)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    tangents = (torch.randn_like(x), torch.randn_like(weight), torch.randn_like(bias))
+    for mask in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)):
+        tangent = tuple(t * m for t, m in zip(tangents, mask, strict=True))
+        a, b = jvp(ours, (x, weight, bias), tangent)[1], jvp(theirs, (x, weight, bias), tangent)[1]
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    images = torch.randn(4, 1, 3, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(
+        vmap(lambda t: ours(t, weight, bias))(images), vmap(lambda t: theirs(t, weight, bias))(images)
+    )
+    torch.testing.assert_close(jacrev(ours)(x, weight, bias), jacrev(theirs)(x, weight, bias), rtol=1e-12, atol=1e-12)
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, dtype=torch.float64)
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        y = depthwise_conv2d(forward_ad.make_dual(x, tangents[0]), conv)
+        expected = torch.nn.functional.conv2d(tangents[0], conv.weight, padding=1, groups=3)
+        torch.testing.assert_close(forward_ad.unpack_dual(y).tangent, expected, rtol=1e-12, atol=1e-12)
