@@ -116,10 +116,10 @@ def bench(session: nox.Session) -> None:
     timm's own PVTv2-b2 and Swin-T, training throughput), ToCa against full attention and PyPI peers, PaCa-ViT
     against PVTv2 and Swin, the roof, profiles.
 
-    Writes outputs/bench/{bench.md,bench.json,*.png} in ≲ 30 minutes on 2 cores; options after ``--``
-    (e.g. ``nox -s bench -- --quick`` or ``-- --parts goals``). The peers and timm are installed here only; timm
-    without its torchvision dependency (no wheel matches this CPU torch), whose import-time names come from the
-    stand-in ``benchmarks/torchvision_standin``, importable in this session only.
+    Writes outputs/bench/{bench.md,bench.json,*.png} in about 9 minutes on 2 cores (the install aside); options
+    after ``--`` (e.g. ``nox -s bench -- --quick`` or ``-- --parts goals``). The peers and timm are installed here
+    only; timm without its torchvision dependency (no wheel matches this CPU torch), whose import-time names come
+    from the stand-in ``benchmarks/torchvision_standin``, importable in this session only.
     """
     session.install(*CONSTRAINTS, "-e", ".[test,flops,viz]", *BENCH_PEERS, *TIMM_DEPENDENCIES, "matplotlib", "tqdm")
     session.install(*CONSTRAINTS, "--no-deps", "timm")

@@ -576,7 +576,7 @@ def _goal_training(settings: Settings, bar: tqdm) -> list[Cell]:
 def bench_goals(settings: Settings, bar: tqdm) -> list[Cell]:
     """Part a: the goals of the CPU-speed issue, each pair measured interleaved in one run (medians): the ToCa
     layer against full SDPA at 1 and 2 threads, PaCa-ViT against timm's PVTv2 and Swin, the training
-    throughput; the backbones at the run's ``--threads``."""
+    throughput; the backbones and the training at the run's ``--threads``."""
     threads = torch.get_num_threads()
     try:
         cells = _goal_layers(settings, bar)
@@ -721,9 +721,8 @@ def _goal_tables(cells: list[Cell]) -> list[str]:
         for config, size in dict.fromkeys((c.config, c.size) for c in layers):
             ours, peer = (_seconds(cells, "goals", config, m, size) for m in ("ToCa M=100", "full SDPA"))
             threads = config.partition("=")[2]
-            lines.append(
-                f"| {threads} | {size} | {_fmt(ours * 1e3)} | {_fmt(peer * 1e3)} | {_fmt(_ratio(peer, ours))} |"
-            )
+            shown = " | ".join(_fmt(None if t is None else t * 1e3) for t in (ours, peer))
+            lines.append(f"| {threads} | {size} | {shown} | {_fmt(_ratio(peer, ours))} |")
     backbones = [c for c in goals if not c.config.startswith(("layer,", "train,"))]
     if backbones:
         lines += ["", "## Goals: backbones, features only, inference (interleaved medians)", ""]

@@ -20,7 +20,6 @@ README's convention is their difference.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -172,11 +171,11 @@ class ImageNetTask(Task):
 
 class _DenseTask(Task):
     """A dense-prediction task: its checkpoints are mmengine files (mmdet, mmseg), and its evaluation
-    (``tocalib.reproductions.eval.<evaluator>.evaluate``) runs on whatever images ``root`` holds, so
-    ``allow_fewer_classes`` changes nothing."""
+    (:meth:`evaluator`) runs on whatever images ``root`` holds, so ``allow_fewer_classes`` changes nothing."""
 
-    evaluator: ClassVar[str]
-    """The module of :mod:`tocalib.reproductions.eval` that evaluates this task."""
+    @abstractmethod
+    def evaluator(self) -> Callable[..., dict[str, float]]:
+        """The ``evaluate`` function of this task's :mod:`tocalib.reproductions.eval` module, imported on demand."""
 
     def load(self, model: nn.Module, checkpoint: Path) -> None:
         load_mmengine_checkpoint(model, checkpoint)
@@ -184,8 +183,7 @@ class _DenseTask(Task):
     def run_evaluation(
         self, model: nn.Module, root: Path, log: Callable[[str], None], allow_fewer_classes: bool, **settings: Any
     ) -> dict[str, float]:
-        module = importlib.import_module(f"tocalib.reproductions.eval.{self.evaluator}")  # pycocotools on demand
-        return module.evaluate(model, root, log=log, **settings)
+        return self.evaluator()(model, root, log=log, **settings)
 
 
 class _Pyramid(nn.Module):
@@ -227,13 +225,17 @@ class COCOTask(_DenseTask):
     forward, no compute). Evaluation: box and mask AP (:func:`tocalib.reproductions.eval.coco.evaluate`)."""
 
     name = "detection"
-    evaluator = "coco"
     data_layout = "val2017/*.jpg and annotations/instances_val2017.json (COCO 2017)"
     shared_parts = ("rpn_head", "bbox_head", "mask_head")
 
     def build(self, row: Row) -> nn.Module:
         backbone = self.backbone(row, features_only=True)
         return MaskRCNN(backbone, backbone.feature_info.channels()).eval()
+
+    def evaluator(self) -> Callable[..., dict[str, float]]:
+        from tocalib.reproductions.eval import coco  # pycocotools, when a COCO row is evaluated
+
+        return coco.evaluate
 
     def count(self, model: nn.Module, resolution: tuple[int, int]) -> dict[str, int]:
         assert isinstance(model, MaskRCNN)
@@ -264,7 +266,6 @@ class ADE20kTask(_DenseTask):
     (:func:`tocalib.reproductions.eval.ade20k.evaluate`)."""
 
     name = "segmentation"
-    evaluator = "ade20k"
     data_layout = "images/validation/*.jpg and annotations/validation/*.png (ADEChallengeData2016)"
     heads = ("upernet", "paca")
 
@@ -272,6 +273,11 @@ class ADE20kTask(_DenseTask):
         backbone = self.backbone(row, features_only=True)
         build = upernet_segmentor if row.head == "upernet" else paca_segmentor
         return build(backbone, backbone.feature_info.channels()).eval()
+
+    def evaluator(self) -> Callable[..., dict[str, float]]:
+        from tocalib.reproductions.eval import ade20k
+
+        return ade20k.evaluate
 
 
 for _task in (ImageNetTask(), COCOTask(), ADE20kTask()):

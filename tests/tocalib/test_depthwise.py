@@ -167,6 +167,17 @@ def test_torch_func_transforms_and_forward_mode() -> None:
         vmap(lambda t: ours(t, weight, bias))(images), vmap(lambda t: theirs(t, weight, bias))(images)
     )
     torch.testing.assert_close(jacrev(ours)(x, weight, bias), jacrev(theirs)(x, weight, bias), rtol=1e-12, atol=1e-12)
+    tokens = torch.randn(1, 20, 3, dtype=torch.float64)  # the clustering's layout: a channels-last view of tokens
+
+    def on_tokens(conv2d):
+        return lambda t, w: (
+            conv2d(t.view(1, 5, 4, 3).permute(0, 3, 1, 2), w, bias).permute(0, 2, 3, 1).reshape(1, 20, 3)
+        )
+
+    a = jacrev(on_tokens(ours), argnums=(0, 1))(tokens, weight)
+    b = jacrev(on_tokens(theirs), argnums=(0, 1))(tokens, weight)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
     conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, dtype=torch.float64)
     import torch.autograd.forward_ad as forward_ad
 
