@@ -124,10 +124,10 @@ def depthwise_conv2d(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     fast = (
         not torch.jit.is_tracing()  # first: a traced shape test would warn
         and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(x.device.type)  # autocast casts per op; the backward would mix dtypes
+        and x.device.type == "cpu"  # before the autocast test, which knows no "meta" device
+        and not torch.is_autocast_enabled("cpu")  # autocast casts per op; the backward would mix dtypes
         and torch.is_grad_enabled()
         and conv.weight.requires_grad
-        and x.device.type == "cpu"
         and x.shape[0] == 1
         and conv.groups == conv.in_channels == conv.out_channels
         and conv.stride == (1, 1)

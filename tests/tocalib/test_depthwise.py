@@ -60,7 +60,8 @@ def test_channels_first_of_channels_last_memory() -> None:
 
 
 def test_the_plain_conv_runs_where_the_fast_path_does_not_apply() -> None:
-    """No grad, a frozen weight, tracing, a batch, a stride or a non-depthwise conv: the module itself."""
+    """No grad, a frozen weight, the meta device, tracing, a batch, a stride or a non-depthwise conv: the module
+    itself."""
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
     assert type(depthwise_conv2d(x, conv).grad_fn).__name__ == "_DepthwiseConv2dBackward"
@@ -69,6 +70,9 @@ def test_the_plain_conv_runs_where_the_fast_path_does_not_apply() -> None:
     conv.weight.requires_grad_(False)
     assert type(depthwise_conv2d(x, conv).grad_fn).__name__ == "ConvolutionBackward0"
     conv.weight.requires_grad_(True)
+    with torch.device("meta"):  # shapes only (the counting of Mask R-CNN's heads): the module, no device error
+        meta_conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        assert depthwise_conv2d(torch.empty(1, 4, 8, 8), meta_conv).shape == (1, 4, 8, 8)
 
     class Wrapped(nn.Module):
         def __init__(self) -> None:
