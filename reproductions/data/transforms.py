@@ -46,6 +46,7 @@ __all__ = [
     "ResizeCenterCrop",
     "classification_eval_transform",
     "classification_train_transform",
+    "eval_transform",
     "rand_augment_transform",
     "to_tensor",
 ]
@@ -646,3 +647,10 @@ def classification_eval_transform(
 ) -> Compose:
     """timm's evaluation pipeline: Pillow image → :class:`ResizeCenterCrop` → normalised float32 (C, size, size)."""
     return Compose([ResizeCenterCrop(size, crop_pct, interpolation), to_tensor, Normalize(mean, std)])
+
+
+def eval_transform(cfg: PretrainedCfg, crop: int | None = None) -> Compose:
+    """:func:`classification_eval_transform` for a model's ``cfg``: its crop ratio, mean/std and interpolation, the
+    crop ``cfg.input_size`` unless ``crop`` is given."""
+    size = cfg.input_size[-1] if crop is None else crop
+    return classification_eval_transform(size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation)

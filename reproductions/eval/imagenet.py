@@ -13,24 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from tocalib.models import PretrainedCfg
 from tocalib.reproductions.data.folders import ImageFolder
-from tocalib.reproductions.data.transforms import classification_eval_transform
+from tocalib.reproductions.data.transforms import eval_transform
 from tocalib.reproductions.metrics import topk_correct
 
-__all__ = ["eval_transform", "evaluate"]
-
-
-def eval_transform(cfg: PretrainedCfg, crop: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's evaluation transform for a model's ``cfg``: Pillow image → normalised (C, crop, crop) tensor, the
-    crop ``cfg.input_size`` unless ``crop`` is given
-    (:func:`~tocalib.reproductions.data.transforms.classification_eval_transform`)."""
-    size = cfg.input_size[-1] if crop is None else crop
-    return classification_eval_transform(size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation)
+__all__ = ["evaluate"]
 
 
 @torch.no_grad()

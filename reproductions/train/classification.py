@@ -38,11 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tocalib.models import PretrainedCfg, load_official_state_dict
 from tocalib.reproductions.cli import command_line, create_from_options
 from tocalib.reproductions.data.folders import FASHION_MNIST_ROOT, FashionMNIST, ImageFolder
-from tocalib.reproductions.data.transforms import (
-    Mixup,
-    classification_eval_transform,
-    classification_train_transform,
-)
+from tocalib.reproductions.data.transforms import Mixup, classification_train_transform, eval_transform
 from tocalib.reproductions.metrics import topk_correct
 from tocalib.reproductions.train.config import (
     AT_LEAST_ONE,
@@ -244,10 +240,9 @@ def build_datasets(config: ClassificationConfig, cfg: PretrainedCfg) -> tuple[Da
     """(train set, validation set, number of classes) with the recipe's transforms at the size, normalisation and
     interpolation of ``cfg`` (:func:`preprocessing`); with ``--eval-only`` the train set is None and only the
     validation data is read."""
-    size = cfg.input_size[-1]
-    eval_transform = classification_eval_transform(size, cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation)
+    val_transform = eval_transform(cfg)
     train_transform = classification_train_transform(
-        size=size,
+        size=cfg.input_size[-1],
         scale=config.scale,
         hflip=config.hflip,
         auto_augment=config.auto_augment,
@@ -260,12 +255,12 @@ def build_datasets(config: ClassificationConfig, cfg: PretrainedCfg) -> tuple[Da
     )
     if config.dataset == "fashion_mnist":
         root = config.data or FASHION_MNIST_ROOT
-        val = FashionMNIST(root, "test", transform=eval_transform)
+        val = FashionMNIST(root, "test", transform=val_transform)
         train = None if config.eval_only else FashionMNIST(root, "train", transform=train_transform)
         return train, val, len(FashionMNIST.CLASSES)
     if config.data is None:
         raise ValueError("--data is required for --dataset imagefolder: a folder with train/ and val/ class folders")
-    val = ImageFolder(config.data / "val", transform=eval_transform)
+    val = ImageFolder(config.data / "val", transform=val_transform)
     if config.eval_only:
         return None, val, len(val.classes)
     train = ImageFolder(config.data / "train", transform=train_transform)

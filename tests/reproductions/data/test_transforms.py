@@ -29,10 +29,10 @@ from tocalib.reproductions.data.transforms import (
     RandomResizedCrop,
     classification_eval_transform,
     classification_train_transform,
+    eval_transform,
     rand_augment_transform,
     to_tensor,
 )
-from tocalib.reproductions.eval.imagenet import eval_transform
 
 
 def _image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
