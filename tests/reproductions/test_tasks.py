@@ -62,13 +62,20 @@ def _reference(model: nn.Module, resolution: tuple[int, int]) -> tuple[str, str]
     return f"{num_params(model) / 1e6:.3f}", f"{macs / 1e9:.3f}"
 
 
+def _reproduce_row(folder: Path, task: str, params: str, flops: str, workers: int) -> dict:
+    """Write ``folder/mine.toml`` (one PaCa-Tiny row of ``task`` reporting ``params``/``flops``), reproduce it
+    with the command line and return the row's JSON record; the run must exit 0."""
+    (folder / "mine.toml").write_text(_table(task, params, flops), encoding="utf-8")
+    out = folder / "out"
+    assert main(["mine", "--tables-dir", str(folder), "--out", str(out), "--workers", str(workers)]) == 0
+    (record,) = json.loads((out / "mine.json").read_text(encoding="utf-8"))["rows"]
+    return record
+
+
 def test_a_new_table_is_a_file(tmp_path: Path) -> None:
     """A table file in a folder of one's own reproduces with no code change (--tables-dir)."""
     params, flops = _reference(create_model(TINY), (64, 64))
-    (tmp_path / "mine.toml").write_text(_table("classification", params, flops), encoding="utf-8")
-    out = tmp_path / "out"
-    assert main(["mine", "--tables-dir", str(tmp_path), "--out", str(out), "--workers", "1"]) == 0
-    (record,) = json.loads((out / "mine.json").read_text(encoding="utf-8"))["rows"]
+    record = _reproduce_row(tmp_path, "classification", params, flops, workers=1)
     assert (record["params_status"], record["flops_status"]) == ("ok", "ok")
     assert f"{record['params_reproduced'] / 1e6:.3f}" == params
 
@@ -94,13 +101,10 @@ def test_a_new_kind_of_task_is_one_registered_class(tmp_path: Path, registry: di
     register_task(TenWay())
     params, flops = _reference(create_model(TINY, num_classes=10), (64, 64))
     assert params != _reference(create_model(TINY), (64, 64))[0]  # the head differs, so the count must too
-    (tmp_path / "mine.toml").write_text(_table("ten_way", params, flops), encoding="utf-8")
-    out = tmp_path / "out"
-    assert main(["mine", "--tables-dir", str(tmp_path), "--out", str(out), "--workers", "1"]) == 0
-    (record,) = json.loads((out / "mine.json").read_text(encoding="utf-8"))["rows"]
+    record = _reproduce_row(tmp_path, "ten_way", params, flops, workers=1)
     assert (record["params_status"], record["flops_status"]) == ("ok", "ok")
     with pytest.raises(SystemExit, match=r"'ten_way' .*cannot be sent to worker processes .* workers=1"):
-        main(["mine", "--tables-dir", str(tmp_path), "--out", str(out), "--workers", "2"])
+        _reproduce_row(tmp_path, "ten_way", params, flops, workers=2)
 
 
 def test_worker_processes_receive_the_registered_tasks(tmp_path: Path, registry: dict[str, Task]) -> None:
@@ -109,10 +113,7 @@ def test_worker_processes_receive_the_registered_tasks(tmp_path: Path, registry:
     again.name = "classification_again"
     register_task(again)
     params, flops = _reference(create_model(TINY), (64, 64))
-    (tmp_path / "mine.toml").write_text(_table("classification_again", params, flops), encoding="utf-8")
-    out = tmp_path / "out"
-    assert main(["mine", "--tables-dir", str(tmp_path), "--out", str(out), "--workers", "2"]) == 0
-    (record,) = json.loads((out / "mine.json").read_text(encoding="utf-8"))["rows"]
+    record = _reproduce_row(tmp_path, "classification_again", params, flops, workers=2)
     assert (record["params_status"], record["flops_status"]) == ("ok", "ok")
 
 
