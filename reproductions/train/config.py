@@ -80,6 +80,7 @@ class RunConfig:
     stop_after: int | None = None
     log_every: int = 50
     save_every: int = 0
+    retain_cpu_memory: bool = True  # on CPU, tocalib.allocator.tune_cpu_allocator(): steps reuse freed pages
 
     def __post_init__(self) -> None:
         check_limits(self)

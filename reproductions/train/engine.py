@@ -34,6 +34,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
+from tocalib.allocator import tune_cpu_allocator
 from tocalib.reproductions.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from tocalib.reproductions.train.config import RunConfig, to_jsonable
 from tocalib.reproductions.train.distributed import (
@@ -195,7 +196,7 @@ def evaluate_only(model: nn.Module, task: Task, log: RunLog) -> dict[str, float]
 RESUME_MAY_CHANGE = frozenset({
     "resume", "stop_after", "out", "workers", "log_every", "save_every", "device", "compile", "channels_last",
     "data", "eval_batch_size", "eval_every", "eval_every_epochs", "epochs", "iterations", "pretrained", "checkpoint",
-    "reset_head", "batch_size",
+    "reset_head", "batch_size", "retain_cpu_memory",
 })  # fmt: skip
 """Config fields that may differ between a run and the checkpoint it resumes: where and how it runs, logs and
 evaluates, the schedule's length (a longer one extends the run), the initial weights (the checkpoint replaces
@@ -527,6 +528,13 @@ def run_training(
 ) -> dict[str, float]:
     """Build the :class:`Trainer` of a run from its config (resuming per ``config.resume``) and train it; ``loop``
     holds the task-specific :class:`TrainSettings` (e.g. ``ema_decay``)."""
+    if config.retain_cpu_memory and ctx.device.type == "cpu":
+        kept = tune_cpu_allocator()
+        log.info(
+            "CPU allocator: freed memory stays in the heap (tocalib.allocator.tune_cpu_allocator)"
+            if kept
+            else "CPU allocator: not glibc, left as it is (jemalloc or tcmalloc in LD_PRELOAD keep freed memory)"
+        )
     settings = TrainSettings(
         total_steps=total_steps,
         steps_per_epoch=batches_per_epoch(len(train_set), ctx, config.batch_size),

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tocalib.reproductions.data.folders import CorruptImageError
-from tocalib.reproductions.train import classification, segmentation
+from tocalib.reproductions.train import classification, engine, segmentation
 from tocalib.reproductions.train.config import parse_config
 
 TINY = {"embed_dims": [16, 32, 48, 64], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
@@ -135,3 +135,15 @@ def test_segmentation_backbone_settings_follow_the_released_configs() -> None:
     assert segmentation.paper_backbone_settings("pacavit_convmixer_base_100", "paca") == ((200,) * 4, 0.5)
     assert segmentation.paper_backbone_settings("pacavit_base_p2cconv_100_0", "upernet")[1] == 0.1
     assert segmentation.paper_backbone_settings("swin_tiny_patch4_window7_224", "paca") == (None, 0.1)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-retain-cpu-memory"]])
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(tmp_path: Path, monkeypatch, flag: list[str]) -> None:
+    """A CPU run asks tocalib.allocator to keep freed memory in the heap (stubbed here: the real setting would stay
+    for the rest of the test process) and says so in its log; ``--no-retain-cpu-memory`` leaves the allocator alone."""
+    calls = []
+    monkeypatch.setattr(engine, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    data = _image_folder(tmp_path / "data", {"train": 4, "val": 2})
+    classification.main(["--data", str(data), "--out", str(tmp_path / "run"), *CLS_ARGS, "--stop-after", "1", *flag])
+    logged = "freed memory stays in the heap" in (tmp_path / "run" / "log.txt").read_text()
+    assert (len(calls), logged) == ((0, False) if flag else (1, True))
