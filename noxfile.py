@@ -114,9 +114,10 @@ TIMM_DEPENDENCIES = ("pyyaml", "safetensors", "huggingface_hub", "pillow")  # ti
 def bench(session: nox.Session) -> None:
     """CPU benchmarks: the speed goals (the ToCa layer against full SDPA at 1 and 2 threads, PaCa-ViT against
     timm's own PVTv2-b2 and Swin-T, training throughput), ToCa against full attention and PyPI peers, PaCa-ViT
-    against PVTv2 and Swin, the roof, profiles.
+    against PVTv2 and Swin, the roof, profiles; last, the layer goals and training steps again with freed memory
+    kept in glibc's heap (``tocalib.allocator``).
 
-    Writes outputs/bench/{bench.md,bench.json,*.png} in about 9 minutes on 2 cores (the install aside); options
+    Writes outputs/bench/{bench.md,bench.json,*.png} in about 12 minutes on 2 cores (the install aside); options
     after ``--`` (e.g. ``nox -s bench -- --quick`` or ``-- --parts goals``). The peers and timm are installed here
     only; timm without its torchvision dependency (no wheel matches this CPU torch), whose import-time names come
     from the stand-in ``benchmarks/torchvision_standin``, importable in this session only.

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench [--quick] [--out outputs/bench] [--threads 2] [--parts goals,layers,...]
 
-(``nox -s bench`` installs the peers and timm, and runs it.) Six parts, all measured in one run so that the ratios
+(``nox -s bench`` installs the peers and timm, and runs it.) Seven parts, all measured in one run so that the ratios
 compare like with like on a shared, noisy machine:
 
 a. **goals**: the CPU-speed goals, each comparison interleaved (the calls take turns, medians): the ToCa layer
@@ -22,8 +22,12 @@ c. **models**: inference throughput (images/s) and peak memory of the project's 
 d. **roof**: forward GFLOP/s (2 × analytic MACs / time) of the ToCa layer against a 2048² fp32 matmul.
 e. **profile**: the operators that take the ToCa layer's forward+backward time (``torch.profiler``).
 f. **model_profile**: the operators that take PaCa-Small's forward at 1×3×800×1280.
+g. **heap** (always last): the layer goals and the training steps of part a again, after
+   :func:`tocalib.allocator.tune_cpu_allocator` (freed memory stays in glibc's heap, so a step does not
+   page-fault in anew what the previous one freed; it stays so for the rest of the process, hence last). Every
+   goal cell also counts the minor page faults per call.
 
-Parts b–d report the best of several calls (the sample least disturbed by other processes); part a medians.
+Parts b–d report the best of several calls (the sample least disturbed by other processes); parts a and g medians.
 
 Peak memory is the high-water mark of the CPU allocator during one call (``torch.profiler`` memory events),
 relative to what was allocated before it. Writes ``bench.md``, ``bench.json`` and log-log ``*.png`` plots
@@ -42,6 +46,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -57,6 +62,7 @@ from tqdm import tqdm
 
 from benchmarks.common import Target
 from tocalib import ToCaAttention, flops
+from tocalib.allocator import tune_cpu_allocator
 from tocalib.flops import toca_macs
 from tocalib.models import create_model
 from tocalib.models.pvt_v2 import SpatialReductionAttention
@@ -435,18 +441,23 @@ def _top_operators(prof: profile, part: str, config: str, size: int) -> list[Cel
 # --- part a: the goals, measured side by side; part f: the model profile -----------------------------
 
 
-def interleaved_medians(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+def interleaved_medians(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, tuple[float, float]]:
     """Median seconds of each call over ``rounds`` rounds in which every call runs once, in turn (one warm-up
-    call each first), so that a slow spell of a shared machine hits every call alike."""
+    call each first), so that a slow spell of a shared machine hits every call alike; with the mean number of
+    minor page faults per call (first touches of memory the allocator took from the OS, see
+    :mod:`tocalib.allocator`)."""
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
+    faults = dict.fromkeys(calls, 0)
     for _ in range(rounds):
         for name, call in calls.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(samples) for name, samples in times.items()}
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return {name: (statistics.median(samples), faults[name] / rounds) for name, samples in times.items()}
 
 
 def timm_model(name: str, **kwargs: Any) -> nn.Module:
@@ -467,12 +478,16 @@ GOAL_LAYER = {"ToCa M=100": 100, "full SDPA": 0}
 """The layers of the layer goals (C=96, 2 heads; ToCa with PaCa's conv2d clustering)."""
 
 
-def _goal_layers(settings: Settings, bar: tqdm) -> list[Cell]:
+KEPT = ",heap kept"
+"""The config suffix of the goals measured again after :func:`tocalib.allocator.tune_cpu_allocator` (part g)."""
+
+
+def _goal_layers(settings: Settings, bar: tqdm, allocator: str = "") -> list[Cell]:
     cells = []
     for threads in settings.goal_threads:
         torch.set_num_threads(threads)
         for tokens in settings.goal_tokens:
-            bar.set_description(f"goals: layers N={tokens}, {threads} threads")
+            bar.set_description(f"goals: layers N={tokens}, {threads} threads{allocator}")
             bar.update()
             side = math.isqrt(tokens)
             x, grad = torch.randn(1, tokens, 96, requires_grad=True), torch.randn(1, tokens, 96)
@@ -489,7 +504,10 @@ def _goal_layers(settings: Settings, bar: tqdm) -> list[Cell]:
             medians = interleaved_medians(
                 {n: functools.partial(step, layer) for n, layer in layers.items()}, settings.goal_reps
             )
-            cells += [Cell("goals", f"layer,threads={threads}", n, tokens, t) for n, t in medians.items()]
+            cells += [
+                Cell("goals", f"layer,threads={threads}{allocator}", n, tokens, t, extra={"faults": faults})
+                for n, (t, faults) in medians.items()
+            ]
     return cells
 
 
@@ -541,20 +559,20 @@ def _goal_backbones(settings: Settings, bar: tqdm) -> list[Cell]:
                 )
                 continue
             calls[name] = _inference(built[name], images)
-        for name, seconds in interleaved_medians(calls, settings.goal_reps).items():
+        for name, (seconds, faults) in interleaved_medians(calls, settings.goal_reps).items():
             params = sum(p.numel() for p in built[name].parameters())
             with torch.no_grad():
                 macs = flops.mac_analysis(built[name], images[:1], not_macs=ELEMENTWISE).total()
-            extra = {"images_per_s": len(images) / seconds, "params": params, "macs": macs}
+            extra = {"images_per_s": len(images) / seconds, "params": params, "macs": macs, "faults": faults}
             cells.append(Cell("goals", config, name, images.shape[-2] * images.shape[-1], seconds, extra=extra))
     return cells
 
 
-def _goal_training(settings: Settings, bar: tqdm) -> list[Cell]:
+def _goal_training(settings: Settings, bar: tqdm, allocator: str = "") -> list[Cell]:
     """Forward+backward throughput and peak memory: a classifier at small images, features at large ones."""
     cells = []
     for name, batch, side in settings.goal_training:
-        bar.set_description(f"goals: training {name} {batch}x{side}²")
+        bar.set_description(f"goals: training {name} {batch}x{side}²{allocator}")
         bar.update()
         features = side > 224
         model = create_model(name, features_only=features).train()
@@ -566,9 +584,10 @@ def _goal_training(settings: Settings, bar: tqdm) -> list[Cell]:
             (sum(o.float().mean() for o in out) if features else out.float().mean()).backward()
 
         peak = peak_bytes(step)
-        seconds = interleaved_medians({name: step}, settings.goal_reps)[name]
-        cell = Cell("goals", f"train,{batch}x3x{side}x{side}", name, side * side, seconds, float(peak))
-        cell.extra["images_per_s"] = batch / seconds
+        seconds, faults = interleaved_medians({name: step}, settings.goal_reps)[name]
+        config = f"train,{batch}x3x{side}x{side}{allocator}"
+        cell = Cell("goals", config, name, side * side, seconds, float(peak))
+        cell.extra.update(images_per_s=batch / seconds, faults=faults)
         cells.append(cell)
     return cells
 
@@ -583,6 +602,21 @@ def bench_goals(settings: Settings, bar: tqdm) -> list[Cell]:
     finally:
         torch.set_num_threads(threads)
     return cells + _goal_backbones(settings, bar) + _goal_training(settings, bar)
+
+
+def bench_heap(settings: Settings, bar: tqdm) -> list[Cell]:
+    """Part g (always last: the setting stays for the rest of the process): the layer goals and the training
+    steps again after :func:`tocalib.allocator.tune_cpu_allocator`, so that each step reuses the memory the
+    previous one freed instead of page-faulting it in anew (both sides of every comparison alike)."""
+    if not tune_cpu_allocator():
+        bar.update(len(settings.goal_threads) * len(settings.goal_tokens) + len(settings.goal_training))
+        return [Cell("goals", f"train{KEPT}", "allocator", 0, skipped="skipped: the C library is not glibc")]
+    threads = torch.get_num_threads()
+    try:
+        cells = _goal_layers(settings, bar, KEPT)
+    finally:
+        torch.set_num_threads(threads)
+    return cells + _goal_training(settings, bar, KEPT)
 
 
 def bench_model_profile(settings: Settings, bar: tqdm) -> list[Cell]:
@@ -635,13 +669,16 @@ def targets(cells: list[Cell], settings: Settings) -> list[Target]:
 def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
     """The CPU-speed issue's goals from part a's cells (speed-ups: the peer's time over ours)."""
     result = []
-    for threads in settings.goal_threads:
-        config = f"layer,threads={threads}"
+    configs = {f"layer,threads={t}{kept}": (t, kept) for kept in ("", KEPT) for t in settings.goal_threads}
+    for config, (threads, kept) in configs.items():
+        if not any(c.config == config for c in cells):
+            continue
         for tokens, goal in zip(settings.goal_tokens, (8.0, 40.0), strict=True):
             ceiling = toca_macs(tokens, 96, 2, 0, None) / toca_macs(tokens, 96, 2, 100, "conv2d")
             speedup = _ratio(*(_seconds(cells, "goals", config, m, tokens) for m in ("full SDPA", "ToCa M=100")))
             name = (
                 f"ToCa layer fwd+bwd speed-up over full SDPA, N={tokens}, {threads} thread(s) (MAC ratio {ceiling:.1f})"
+                + (" (heap kept)" if kept else "")
             )
             result.append(Target(name, speedup if settings.goals_apply else None, goal))
     height, width = settings.goal_detection
@@ -656,6 +693,12 @@ def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
         speedup = _ratio(*(_seconds(cells, "goals", config, m, pixels) for m in (peer, ours)))
         name = f"{ours} features speed-up over {peer} at {config}"
         result.append(Target(name, speedup if settings.goals_apply else None, goal))
+    for model, batch, side in settings.goal_training:
+        config = f"train,{batch}x3x{side}x{side}"
+        before, after = (_seconds(cells, "goals", config + kept, model, side * side) for kept in ("", KEPT))
+        if after is not None:
+            name = f"{model} training step at {batch}x3x{side}², heap kept (tocalib.allocator) over glibc's default"
+            result.append(Target(name, _ratio(before, after) if settings.goals_apply else None, 1.3))
     return result
 
 
@@ -717,12 +760,18 @@ def _goal_tables(cells: list[Cell]) -> list[str]:
     layers = [c for c in goals if c.config.startswith("layer,")]
     if layers:
         lines += ["", "## Goals: ToCa layer vs full SDPA (C=96, 2 heads, M=100), forward+backward ms, medians", ""]
-        lines += ["| threads | N | ToCa M=100 | full SDPA | speed-up |", "|---|---|---|---|---|"]
+        lines += [
+            "| threads | allocator | N | ToCa M=100 | full SDPA | speed-up | page faults per call (ToCa, SDPA) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for config, size in dict.fromkeys((c.config, c.size) for c in layers):
+            found = {c.method: c for c in layers if (c.config, c.size) == (config, size)}
             ours, peer = (_seconds(cells, "goals", config, m, size) for m in ("ToCa M=100", "full SDPA"))
-            threads = config.partition("=")[2]
+            threads, _, kept = config.partition("=")[2].partition(",")
             shown = " | ".join(_fmt(None if t is None else t * 1e3) for t in (ours, peer))
-            lines.append(f"| {threads} | {size} | {shown} | {_fmt(_ratio(peer, ours))} |")
+            faults = ", ".join(f"{found[m].extra['faults']:.0f}" for m in ("ToCa M=100", "full SDPA") if m in found)
+            allocator = kept or "glibc default"
+            lines.append(f"| {threads} | {allocator} | {size} | {shown} | {_fmt(_ratio(peer, ours))} | {faults} |")
     backbones = [c for c in goals if not c.config.startswith(("layer,", "train,"))]
     if backbones:
         lines += ["", "## Goals: backbones, features only, inference (interleaved medians)", ""]
@@ -736,10 +785,17 @@ def _goal_tables(cells: list[Cell]) -> list[str]:
     training = [c for c in goals if c.config.startswith("train,")]
     if training:
         lines += ["", "## Goals: training step (forward+backward), medians", ""]
-        lines += ["| model | input | ms | images/s | peak MiB |", "|---|---|---|---|---|"]
+        lines += [
+            "| model | input | allocator | ms | images/s | peak MiB | page faults per step |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for c in training:
+            if c.seconds is None:
+                lines.append(f"| {c.method} | | {KEPT[1:]} | {c.skipped} | | | |")
+                continue
+            size, _, kept = c.config.partition(",")[2].partition(",")
             shown = f"{c.seconds * 1e3:.4g} | {c.extra['images_per_s']:.3g} | {c.peak_bytes / 2**20:.0f}"
-            lines.append(f"| {c.method} | {c.config.partition(',')[2]} | {shown} |")
+            lines.append(f"| {c.method} | {size} | {kept or 'glibc default'} | {shown} | {c.extra['faults']:.0f} |")
     return lines
 
 
@@ -797,8 +853,8 @@ def main(argv: list[str] | None = None) -> list[Target]:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every measurement")
     parser.add_argument(
         "--parts",
-        default="goals,layers,models,roof,profile,model_profile",
-        help="comma-separated subset of the parts to run",
+        default="goals,layers,models,roof,profile,model_profile,heap",
+        help="comma-separated subset of the parts to run (heap always runs last)",
     )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -809,10 +865,12 @@ def main(argv: list[str] | None = None) -> list[Target]:
         "roof": bench_roof,
         "profile": bench_profile,
         "model_profile": bench_model_profile,
+        "heap": bench_heap,
     }
     chosen = args.parts.split(",")
     if unknown := set(chosen) - set(parts):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {sorted(parts)}")
+    chosen = sorted(chosen, key=lambda part: part == "heap")  # its allocator setting stays: it runs after the rest
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     header = {
@@ -830,6 +888,7 @@ def main(argv: list[str] | None = None) -> list[Target]:
         + ("goals" in chosen)
         * (len(settings.goal_threads) * len(settings.goal_tokens) + 2 + len(settings.goal_training))
         + ("model_profile" in chosen)
+        + ("heap" in chosen) * (len(settings.goal_threads) * len(settings.goal_tokens) + len(settings.goal_training))
     )
     cells: list[Cell] = []
     start = time.perf_counter()

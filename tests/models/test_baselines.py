@@ -90,15 +90,21 @@ def test_shift_mask_separates_only_wrapped_regions() -> None:
         assert sorted(same.sum(1).unique().int().tolist()) == sorted(set(sizes))
 
 
-def test_bench_quick_runs_end_to_end(tmp_path) -> None:
+def test_bench_quick_runs_end_to_end(tmp_path, monkeypatch) -> None:
+    tuned = []  # the heap part's allocator setting would stay for the rest of the test process: stubbed
+    monkeypatch.setattr(bench, "tune_cpu_allocator", lambda: tuned.append(1) or True)
     threads = torch.get_num_threads()
     try:  # one thread: a busy 2-core CI machine stalls small multi-threaded ops
-        goals = bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+        parts = "heap,goals,layers,models,roof,profile,model_profile"  # heap named first, run last
+        goals = bench.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--parts", parts])
     finally:
         torch.set_num_threads(threads)
     report = (tmp_path / "bench.md").read_text()
     assert "ToCa M=100" in report and "pvt_v2_b0" in report and "matmul" in report
+    assert tuned == [1] and "| 1 | heap kept | 64 |" in report
     payload = json.loads((tmp_path / "bench.json").read_text())
+    kept = [c["config"].endswith(bench.KEPT) for c in payload["cells"]]
+    assert any(kept) and kept == sorted(kept)  # the heap part's cells come after all others
     assert [t["name"] for t in payload["targets"]] == [g.name for g in goals]
     measured = [c for c in payload["cells"] if c["skipped"] is None]
     assert measured and all(c["seconds"] > 0 and (c["peak_bytes"] or 0) >= 0 for c in measured)
