@@ -1,8 +1,10 @@
-"""tocalib.allocator: glibc keeps freed memory after tune_cpu_allocator (page faults counted in a fresh process),
-bad thresholds are refused by name, other C libraries are left alone."""
+"""tocalib.allocator: after tune_cpu_allocator glibc serves large blocks from its heap (read from glibc's own
+statistics in a fresh process), bad thresholds are refused by name, an older glibc's cap is used, other C libraries
+and preloaded allocators are left alone."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -12,35 +14,38 @@ import pytest
 from tocalib import allocator
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+MALLINFO2 = GLIBC and tuple(map(int, platform.libc_ver()[1].split(".")[:2])) >= (2, 33)
 
-FAULTS = """
-import resource, sys, torch
+MAPPED = """
+import ctypes, sys, torch
 from tocalib.allocator import tune_cpu_allocator
 applied = tune_cpu_allocator() if sys.argv[1] == "tuned" else None
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
-    torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB allocated, touched and freed, as a training step's activations
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
+    _fields_ = [(name, ctypes.c_size_t) for name in FIELDS.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+block = torch.empty(16 * 2**20)  # 64 MiB: above glibc's default mmap threshold (at most 32 MiB)
+print(applied, libc.mallinfo2().hblkhd)  # bytes in blocks that have their own mmap
 """
-PAGES = 16 * 2**20 * 4 // 4096  # of one allocation
 
 
-def _faults(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True).stdout
-    applied, faults = out.split()
-    return applied, int(faults)
+def _mapped_bytes(mode: str) -> tuple[str, int]:
+    """Run MAPPED in a fresh process whose environment sets none of glibc's malloc options."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+    out = subprocess.run([sys.executable, "-c", MAPPED, mode], capture_output=True, text=True, check=True, env=env)
+    applied, mapped = out.stdout.split()
+    return applied, int(mapped)
 
 
-@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
-def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
-    """Eight allocations of 64 MiB (16,384 pages of 4 KiB) in turn: with glibc's defaults each is a fresh mmap whose
-    every page faults on first touch; after tune_cpu_allocator they come from the heap, which grows once or twice
-    (an aligned block may not fit in the free block below the top, depending on where the heap begins) and is then
-    reused."""
-    applied, default = _faults("default")
-    assert applied == "None" and default > 7 * PAGES
-    applied, tuned = _faults("tuned")
-    assert applied == "True" and tuned < 2.5 * PAGES
+@pytest.mark.skipif(not MALLINFO2, reason="glibc's mallinfo2 (2.33+)")
+def test_a_large_block_comes_from_the_heap_after_tuning() -> None:
+    """With glibc's defaults a 64 MiB tensor is a block of its own mmap (unmapped when freed, so the next one faults
+    its pages in anew); after tune_cpu_allocator it is carved from the heap, which keeps it when freed."""
+    applied, default = _mapped_bytes("default")
+    assert applied == "None" and default >= 64 * 2**20
+    applied, tuned = _mapped_bytes("tuned")
+    assert applied == "True" and tuned < 64 * 2**20
 
 
 @pytest.mark.parametrize(
@@ -57,24 +62,54 @@ def test_bad_thresholds_are_refused(threshold: object, error: type[Exception], m
         allocator.tune_cpu_allocator(threshold)
 
 
-def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_libc(*args: object) -> None:
-        raise AssertionError("the C library was loaded")
+def _no_libc(*args: object) -> None:
+    raise AssertionError("the C library was loaded")
 
+
+def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
-    monkeypatch.setattr(allocator.ctypes, "CDLL", no_libc)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", _no_libc)
     assert allocator.tune_cpu_allocator() is False
 
 
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
-def test_a_refused_setting_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Refusing:
-        def __init__(self, name: str) -> None:
-            self.name = name
+def test_a_preloaded_allocator_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", _no_libc)
+    assert allocator.tune_cpu_allocator() is False
 
-        def mallopt(self, option: int, value: int) -> int:
-            return 0
 
-    monkeypatch.setattr(allocator.ctypes, "CDLL", Refusing)
-    with pytest.raises(RuntimeError, match="mallopt refused M_MMAP_THRESHOLD=2147483647"):
-        allocator.tune_cpu_allocator()
+class _Mallopt:
+    """A stand-in for glibc's mallopt that accepts mmap thresholds up to ``limit`` (and any trim threshold) and
+    records its calls."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.calls = limit, []
+
+    def __call__(self, option: int, value: int) -> int:
+        self.calls.append((option, value))
+        return int(option != -3 or value <= self.limit)
+
+
+BIG, CAP = 2**31 - 1, 2**25
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+@pytest.mark.parametrize(
+    ("limit", "calls"),
+    [(BIG, [(-3, BIG), (-1, BIG)]), (CAP, [(-3, BIG), (-3, CAP), (-1, BIG)]), (0, [(-3, BIG), (-3, CAP)])],
+)
+def test_an_older_glibc_gets_its_cap_and_a_refusal_raises(
+    monkeypatch: pytest.MonkeyPatch, limit: int, calls: list[tuple[int, int]]
+) -> None:
+    """A current glibc takes 2**31 - 1 for both thresholds; one that refuses an mmap threshold above 32 MiB (before
+    about 2.35) gets 32 MiB; one that refuses that too raises, naming what it refused."""
+    mallopt = _Mallopt(limit)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: type("Libc", (), {"mallopt": mallopt}))
+    if limit:
+        assert allocator.tune_cpu_allocator() is True
+    else:
+        with pytest.raises(RuntimeError, match=f"mallopt refused M_MMAP_THRESHOLD={BIG} and {CAP}"):
+            allocator.tune_cpu_allocator()
+    assert mallopt.calls == calls
