@@ -527,13 +527,14 @@ def run_training(
     **loop: Any,
 ) -> dict[str, float]:
     """Build the :class:`Trainer` of a run from its config (resuming per ``config.resume``) and train it; ``loop``
-    holds the task-specific :class:`TrainSettings` (e.g. ``ema_decay``)."""
+    holds the task-specific :class:`TrainSettings` (e.g. ``ema_decay``). On the CPU it first keeps freed memory in
+    glibc's heap for the rest of the process (``config.retain_cpu_memory``, :mod:`tocalib.allocator`)."""
     if config.retain_cpu_memory and ctx.device.type == "cpu":
         kept = tune_cpu_allocator()
         log.info(
             "CPU allocator: freed memory stays in the heap (tocalib.allocator.tune_cpu_allocator)"
             if kept
-            else "CPU allocator: not glibc, left as it is (jemalloc or tcmalloc in LD_PRELOAD keep freed memory)"
+            else "CPU allocator: left as it is (not glibc, or an allocator in LD_PRELOAD, which keeps its own memory)"
         )
     settings = TrainSettings(
         total_steps=total_steps,
