@@ -483,6 +483,20 @@ KEPT = ",heap kept"
 
 
 def _goal_layers(settings: Settings, bar: tqdm, allocator: str = "") -> list[Cell]:
+    """The layer goals at each of ``settings.goal_threads`` (the run's thread count restored afterwards)."""
+    threads = torch.get_num_threads()
+    try:
+        return _goal_layers_at_threads(settings, bar, allocator)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rerun_steps(settings: Settings) -> int:
+    """Progress steps of the goals that part g measures again: the layers and the training steps."""
+    return len(settings.goal_threads) * len(settings.goal_tokens) + len(settings.goal_training)
+
+
+def _goal_layers_at_threads(settings: Settings, bar: tqdm, allocator: str) -> list[Cell]:
     cells = []
     for threads in settings.goal_threads:
         torch.set_num_threads(threads)
@@ -596,12 +610,7 @@ def bench_goals(settings: Settings, bar: tqdm) -> list[Cell]:
     """Part a: the goals of the CPU-speed issue, each pair measured interleaved in one run (medians): the ToCa
     layer against full SDPA at 1 and 2 threads, PaCa-ViT against timm's PVTv2 and Swin, the training
     throughput; the backbones and the training at the run's ``--threads``."""
-    threads = torch.get_num_threads()
-    try:
-        cells = _goal_layers(settings, bar)
-    finally:
-        torch.set_num_threads(threads)
-    return cells + _goal_backbones(settings, bar) + _goal_training(settings, bar)
+    return _goal_layers(settings, bar) + _goal_backbones(settings, bar) + _goal_training(settings, bar)
 
 
 def bench_heap(settings: Settings, bar: tqdm) -> list[Cell]:
@@ -609,14 +618,10 @@ def bench_heap(settings: Settings, bar: tqdm) -> list[Cell]:
     steps again after :func:`tocalib.allocator.tune_cpu_allocator`, so that each step reuses the memory the
     previous one freed instead of page-faulting it in anew (both sides of every comparison alike)."""
     if not tune_cpu_allocator():
-        bar.update(len(settings.goal_threads) * len(settings.goal_tokens) + len(settings.goal_training))
-        return [Cell("goals", f"train{KEPT}", "allocator", 0, skipped="skipped: the C library is not glibc")]
-    threads = torch.get_num_threads()
-    try:
-        cells = _goal_layers(settings, bar, KEPT)
-    finally:
-        torch.set_num_threads(threads)
-    return cells + _goal_training(settings, bar, KEPT)
+        bar.update(_rerun_steps(settings))
+        reason = "skipped: not glibc, or an allocator in LD_PRELOAD"
+        return [Cell("goals", f"train,{KEPT[1:]}", "allocator", 0, skipped=reason)]
+    return _goal_layers(settings, bar, KEPT) + _goal_training(settings, bar, KEPT)
 
 
 def bench_model_profile(settings: Settings, bar: tqdm) -> list[Cell]:
@@ -671,14 +676,13 @@ def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
     result = []
     configs = {f"layer,threads={t}{kept}": (t, kept) for kept in ("", KEPT) for t in settings.goal_threads}
     for config, (threads, kept) in configs.items():
-        if not any(c.config == config for c in cells):
-            continue
         for tokens, goal in zip(settings.goal_tokens, (8.0, 40.0), strict=True):
             ceiling = toca_macs(tokens, 96, 2, 0, None) / toca_macs(tokens, 96, 2, 100, "conv2d")
             speedup = _ratio(*(_seconds(cells, "goals", config, m, tokens) for m in ("full SDPA", "ToCa M=100")))
+            allocator = ", heap kept" if kept else ""
             name = (
-                f"ToCa layer fwd+bwd speed-up over full SDPA, N={tokens}, {threads} thread(s) (MAC ratio {ceiling:.1f})"
-                + (" (heap kept)" if kept else "")
+                f"ToCa layer fwd+bwd speed-up over full SDPA, N={tokens}, {threads} thread(s){allocator} "
+                f"(MAC ratio {ceiling:.1f})"
             )
             result.append(Target(name, speedup if settings.goals_apply else None, goal))
     height, width = settings.goal_detection
@@ -696,9 +700,11 @@ def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
     for model, batch, side in settings.goal_training:
         config = f"train,{batch}x3x{side}x{side}"
         before, after = (_seconds(cells, "goals", config + kept, model, side * side) for kept in ("", KEPT))
-        if after is not None:
-            name = f"{model} training step at {batch}x3x{side}², heap kept (tocalib.allocator) over glibc's default"
-            result.append(Target(name, _ratio(before, after) if settings.goals_apply else None, 1.3))
+        name = (
+            f"{model} training step at {batch}x3x{side}², heap kept (tocalib.allocator) over glibc's default "
+            "(parts g and a: not interleaved)"
+        )
+        result.append(Target(name, _ratio(before, after) if settings.goals_apply else None, 1.3))
     return result
 
 
@@ -790,10 +796,10 @@ def _goal_tables(cells: list[Cell]) -> list[str]:
             "|---|---|---|---|---|---|---|",
         ]
         for c in training:
-            if c.seconds is None:
-                lines.append(f"| {c.method} | | {KEPT[1:]} | {c.skipped} | | | |")
-                continue
             size, _, kept = c.config.partition(",")[2].partition(",")
+            if c.seconds is None:
+                lines.append(f"| {c.method} | | {size or kept} | {c.skipped} | | | |")
+                continue
             shown = f"{c.seconds * 1e3:.4g} | {c.extra['images_per_s']:.3g} | {c.peak_bytes / 2**20:.0f}"
             lines.append(f"| {c.method} | {size} | {kept or 'glibc default'} | {shown} | {c.extra['faults']:.0f} |")
     return lines
@@ -885,10 +891,9 @@ def main(argv: list[str] | None = None) -> list[Target]:
         + ("models" in chosen) * len(settings.models) * len(settings.resolutions)
         + ("roof" in chosen) * (1 + len(settings.layer_configs) * len(settings.roof_tokens))
         + ("profile" in chosen) * len(settings.layer_configs)
-        + ("goals" in chosen)
-        * (len(settings.goal_threads) * len(settings.goal_tokens) + 2 + len(settings.goal_training))
+        + ("goals" in chosen) * (_rerun_steps(settings) + 2)
         + ("model_profile" in chosen)
-        + ("heap" in chosen) * (len(settings.goal_threads) * len(settings.goal_tokens) + len(settings.goal_training))
+        + ("heap" in chosen) * _rerun_steps(settings)
     )
     cells: list[Cell] = []
     start = time.perf_counter()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from benchmarks import bench
 from tocalib.flops import count_macs
@@ -141,3 +142,16 @@ def test_pvt_v2_says_when_an_image_is_too_small_for_its_spatial_reduction() -> N
     with pytest.raises(ValueError, match="a 8×5 feature map is smaller than this stage's spatial-reduction ratio 8"):
         model(torch.randn(1, 3, 31, 17))
     assert model(torch.randn(1, 3, 29, 29)).isfinite().all()
+
+
+def test_bench_heap_part_skips_where_the_allocator_is_left_alone(monkeypatch) -> None:
+    """Where tune_cpu_allocator changes nothing (not glibc, or a preloaded allocator), part g measures nothing and
+    says why in the training table; its targets read N/A."""
+    monkeypatch.setattr(bench, "tune_cpu_allocator", lambda: False)
+    with tqdm(disable=True) as bar:
+        cells = bench.bench_heap(bench.QUICK, bar)
+    (cell,) = cells
+    assert cell.seconds is None and "not glibc" in cell.skipped
+    report = bench.markdown(cells, bench.goal_targets(cells, bench.FULL), {})
+    assert "| allocator | | heap kept | skipped: not glibc, or an allocator in LD_PRELOAD | | | |" in report
+    assert all(t.value is None for t in bench.goal_targets(cells, bench.FULL))
