@@ -7,7 +7,7 @@ activations and frees them all at the end, so the next step gets the memory back
 on the first touch of each 4 KiB page (and the kernel zeroes it). On a 2-core virtual machine that cost is a few
 microseconds per page with two threads: in separate runs PaCa-Tiny's training step at 8×3×224² faulted ~150,000 pages
 (~600 MB) per step, and keeping the memory took it from 1937 to 1519 ms (``python -m benchmarks.bench --parts
-goals,heap`` measures both; its committed run, on a drifting machine, gave 1502 → 1392 ms). PyTorch's CPU
+goals,heap`` measures both; its committed run, on a drifting machine, gave 1934 → 1807 ms). PyTorch's CPU
 performance guide gives the same advice in another form (a caching allocator such as jemalloc or tcmalloc through
 ``LD_PRELOAD``); the environment variables ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` do what :func:`tune_cpu_allocator` does, before the process starts.
