@@ -672,7 +672,8 @@ def targets(cells: list[Cell], settings: Settings) -> list[Target]:
 
 
 def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
-    """The CPU-speed issue's goals from part a's cells (speed-ups: the peer's time over ours)."""
+    """The CPU-speed issue's goals from the cells of parts a and g (speed-ups: the peer's time over ours; for the
+    training steps, the time with glibc's defaults over the time with the heap kept)."""
     result = []
     configs = {f"layer,threads={t}{kept}": (t, kept) for kept in ("", KEPT) for t in settings.goal_threads}
     for config, (threads, kept) in configs.items():
