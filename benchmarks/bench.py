@@ -620,7 +620,7 @@ def bench_heap(settings: Settings, bar: tqdm) -> list[Cell]:
     if not tune_cpu_allocator():
         bar.update(_rerun_steps(settings))
         reason = "skipped: not glibc, or an allocator in LD_PRELOAD"
-        return [Cell("goals", f"train,{KEPT[1:]}", "allocator", 0, skipped=reason)]
+        return [Cell("goals", f"train{KEPT}", "allocator", 0, skipped=reason)]
     return _goal_layers(settings, bar, KEPT) + _goal_training(settings, bar, KEPT)
 
 
@@ -774,10 +774,10 @@ def _goal_tables(cells: list[Cell]) -> list[str]:
         for config, size in dict.fromkeys((c.config, c.size) for c in layers):
             found = {c.method: c for c in layers if (c.config, c.size) == (config, size)}
             ours, peer = (_seconds(cells, "goals", config, m, size) for m in ("ToCa M=100", "full SDPA"))
-            threads, _, kept = config.partition("=")[2].partition(",")
+            base, allocator = _allocator(config)
+            threads = base.partition("=")[2]
             shown = " | ".join(_fmt(None if t is None else t * 1e3) for t in (ours, peer))
             faults = ", ".join(f"{found[m].extra['faults']:.0f}" for m in ("ToCa M=100", "full SDPA") if m in found)
-            allocator = kept or "glibc default"
             lines.append(f"| {threads} | {allocator} | {size} | {shown} | {_fmt(_ratio(peer, ours))} | {faults} |")
     backbones = [c for c in goals if not c.config.startswith(("layer,", "train,"))]
     if backbones:
@@ -797,13 +797,18 @@ def _goal_tables(cells: list[Cell]) -> list[str]:
             "|---|---|---|---|---|---|---|",
         ]
         for c in training:
-            size, _, kept = c.config.partition(",")[2].partition(",")
-            if c.seconds is None:
-                lines.append(f"| {c.method} | | {size or kept} | {c.skipped} | | | |")
+            base, allocator = _allocator(c.config)
+            if c.seconds is None:  # part g's only cell where the allocator was left alone: no input size
+                lines.append(f"| {c.method} | | {allocator} | {c.skipped} | | | |")
                 continue
             shown = f"{c.seconds * 1e3:.4g} | {c.extra['images_per_s']:.3g} | {c.peak_bytes / 2**20:.0f}"
-            lines.append(f"| {c.method} | {size} | {kept or 'glibc default'} | {shown} | {c.extra['faults']:.0f} |")
+            lines.append(f"| {c.method} | {base.partition(',')[2]} | {allocator} | {shown} | {c.extra['faults']:.0f} |")
     return lines
+
+
+def _allocator(config: str) -> tuple[str, str]:
+    """A goal cell's config without part g's suffix, and the allocator that suffix names."""
+    return (config.removesuffix(KEPT), KEPT[1:]) if config.endswith(KEPT) else (config, "glibc default")
 
 
 def plots(cells: list[Cell], out: Path) -> list[Path]:

@@ -152,6 +152,7 @@ def test_bench_heap_part_skips_where_the_allocator_is_left_alone(monkeypatch) ->
         cells = bench.bench_heap(bench.QUICK, bar)
     (cell,) = cells
     assert cell.seconds is None and "not glibc" in cell.skipped
-    report = bench.markdown(cells, bench.goal_targets(cells, bench.FULL), {})
+    goals = bench.goal_targets(cells, bench.FULL)
+    report = bench.markdown(cells, goals, {})
     assert "| allocator | | heap kept | skipped: not glibc, or an allocator in LD_PRELOAD | | | |" in report
-    assert all(t.value is None for t in bench.goal_targets(cells, bench.FULL))
+    assert all(t.value is None for t in goals)
