@@ -1,47 +1,35 @@
 """A depthwise 2-D convolution whose backward pass is two ordinary convolutions, for speed on CPUs.
 
-PyTorch's CPU kernel for the weight gradient of a depthwise k×k convolution is slow (on a 2-core AVX-512 machine,
-82 ms for 96 channels on a 128×128 map with k = 7, ten times its forward). The same gradient is a grouped
-convolution of the padded input with the output gradient as kernel,
+PyTorch's CPU kernel for the weight gradient of a depthwise k×k convolution is slow for large kernels. The same
+gradient is a grouped convolution of the padded input with the output gradient as kernel, one per image, summed:
 
-    ∂L/∂w[c, i, j] = Σ_{b, h, w} x_pad[b, c, h + i, w + j] · g[b, c, h, w],
+    ∂L/∂w[c, i, j] = Σ_b Σ_{h, w} x_pad[b, c, h + i, w + j] · g[b, c, h, w],
 
-which runs in about a quarter of that time; the input gradient is the depthwise convolution of the output gradient
-with the flipped kernel. Both are written with differentiable operations, so double backward works too, and
-the function has a forward-mode rule (``jvp``) and a generated vmap rule, so ``torch.func`` transforms it.
+and the input gradient is the depthwise convolution of the output gradient with the flipped kernel. Both run on
+the tensors as they are (from the tokens' channels-last memory, no copy is faster than a copy to NCHW first).
+Measured on a 2-core AVX-512 machine, the whole backward pass with 7×7 kernels, channels-last, 2 threads (1 thread):
+ToCa's layer at 1 × 96 × 128², 14.0 ms with PyTorch's kernel against 4.9 ms; PaCa-Tiny's first clustering conv at
+8 × 64 × 56², 13.0 (25.1) ms against 4.2 (5.7) ms; PaCa-Small's at 2 × 96 × 128², 29.6 (48.5) ms against 11.9
+(15.4) ms. With 3×3 kernels PyTorch's own is the faster one from two images on (8 × 64 × 56²: 0.9 ms against
+2.9 ms). Both passes are written with differentiable operations, so double backward works too, and the function has
+a forward-mode rule (``jvp``) and a generated vmap rule, so ``torch.func`` transforms it.
 
-That holds for one image. PyTorch's own kernel spreads a batch over its work and is fast from two images on
-(channels-last memory: 16.6 ms against 52 ms for the stacked grouped conv at 8 × 64 × 56², 2 threads), so
-:func:`depthwise_conv2d` takes this path only where it helps and changes nothing else: a batch of one, when autograd
-will need the weight gradient, outside autocast, tracing and compilation (fvcore's MAC counter, ``torch.jit.trace``,
-``torch.compile`` and ``torch.export`` see a plain ``F.conv2d``), on CPU, for stride 1, dilation 1 and a padding
-below the kernel size.
+:func:`depthwise_conv2d` takes this path only where it helps and changes nothing else: one image, or a batch with a
+kernel of at least 49 taps, when autograd will need the weight gradient, outside autocast, tracing and compilation
+(fvcore's MAC counter, ``torch.jit.trace``, ``torch.compile`` and ``torch.export`` see a plain ``F.conv2d``), on
+CPU, for stride 1, dilation 1 and a padding below the kernel size.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["channels_first", "depthwise_conv2d"]
-
-
-def channels_first(t: Tensor) -> Tensor:
-    """A (B, C, H, W) tensor in contiguous NCHW memory. From channels-last memory this is one 2-D transposed copy
-    per image: PyTorch's CPU copy has a blocked kernel for 2-D transposes, several times faster than its general
-    strided copy on maps that leave the cache (1.6 ms against 6.4 ms for 96 × 128 × 128 floats on one core)."""
-    b, c, h, w = t.shape
-    stride = t.stride()  # read, not t.is_contiguous(memory_format=...), which torch.func's vmap does not implement
-    if t.is_contiguous() or not (stride[1] == 1 and stride[3] == c and stride[2] == w * c):
-        return t.contiguous()
-    rows = t.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    out = t.new_empty(b, c, h * w)
-    for image in range(b):
-        out[image].copy_(rows[image].t())
-    return out.view(b, c, h, w)
+__all__ = ["depthwise_conv2d"]
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -83,16 +71,18 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         (ph, pw), (kh, kw) = ctx.padding, weight.shape[-2:]
-        b, c = grad.shape[:2]
-        grad = channels_first(grad)
+        c = grad.shape[1]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=(kh - 1 - ph, kw - 1 - pw), groups=c)
         if ctx.needs_input_grad[1]:
-            planes = channels_first(x).transpose(0, 1)  # (C, B, H, W)
-            stacked = planes.reshape(1, c * b, *planes.shape[-2:])  # channel c's B images are group c's inputs
-            # (H + 2ph) - H' + 1 = kh positions (H' = H + 2ph - kh + 1, the output's height): (1, C, kh, kw)
-            grad_w = F.conv2d(stacked, grad.transpose(0, 1), padding=(ph, pw), groups=c).transpose(0, 1)
+            # image i's channel c is group c's input, its output gradient the kernel: (H + 2ph) - H' + 1 = kh
+            # positions (H' = H + 2ph - kh + 1, the output's height), so each image gives (1, C, kh, kw). The
+            # tensors go in as they are: from channels-last memory (the tokens' layout) no copy is faster
+            per_image = (
+                F.conv2d(x[i : i + 1], grad[i].unsqueeze(1), padding=(ph, pw), groups=c) for i in range(x.shape[0])
+            )
+            grad_w = functools.reduce(torch.add, per_image).transpose(0, 1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None
@@ -128,7 +118,7 @@ def depthwise_conv2d(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
         and not torch.is_autocast_enabled("cpu")  # autocast casts per op; the backward would mix dtypes
         and torch.is_grad_enabled()
         and conv.weight.requires_grad
-        and x.shape[0] == 1
+        and (x.shape[0] == 1 or (x.shape[0] > 1 and conv.kernel_size[0] * conv.kernel_size[1] >= 49))
         and conv.groups == conv.in_channels == conv.out_channels
         and conv.stride == (1, 1)
         and conv.dilation == (1, 1)
