@@ -107,6 +107,11 @@ def test_bench_quick_runs_end_to_end(tmp_path, monkeypatch) -> None:
     kept = [c["config"].endswith(bench.KEPT) for c in payload["cells"]]
     assert any(kept) and kept == sorted(kept)  # the heap part's cells come after all others
     assert [t["name"] for t in payload["targets"]] == [g.name for g in goals]
+    layer_cells = {(c["config"], c["size"], c["method"]): c["seconds"] for c in payload["cells"]}
+    floors = {key: t for key, t in layer_cells.items() if key[2] == bench.FLOOR}
+    assert len(floors) == 4  # N = 64 and 256, each with glibc's default and with the heap kept
+    for (config, size, _), floor in floors.items():  # its kernels alone take less than the whole layer
+        assert 0 < floor < layer_cells[config, size, "ToCa M=100"]
     measured = [c for c in payload["cells"] if c["skipped"] is None]
     assert measured and all(c["seconds"] > 0 and (c["peak_bytes"] or 0) >= 0 for c in measured)
     values = {g.name: g.value for g in goals if g.value is not None}
@@ -156,3 +161,9 @@ def test_bench_heap_part_skips_where_the_allocator_is_left_alone(monkeypatch) ->
     report = bench.markdown(cells, goals, {})
     assert "| allocator | | heap kept | skipped: not glibc, or an allocator in LD_PRELOAD | | | |" in report
     assert all(t.value is None for t in goals)
+
+
+def test_kernel_floor_counts_only_the_products_convolutions_and_attention() -> None:
+    x = torch.randn(64, 64, requires_grad=True)
+    assert bench.kernel_floor(lambda: (x.exp() + 1).softmax(-1).sum().backward(), reps=1) == 0.0
+    assert bench.kernel_floor(lambda: (x @ x).sum().backward(), reps=1) > 0.0  # mm forward, two in backward
