@@ -53,8 +53,8 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        scale = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)  # 0 or 1 / keep
+        return x * scale  # one pass over x (and one in backward), not a product and a quotient
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

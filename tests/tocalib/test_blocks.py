@@ -238,3 +238,16 @@ def test_the_cluster_shaped_parameters_are_named_by_structure_not_by_key_pattern
     }
     taught = ToCaStack(DIM, 2, 2, 5, teacher=Conv1dTeacher(DIM, (5, 5), depths=1))
     assert cluster_parameter_names(taught) == {f"teacher.heads.{g}.{p}" for g in (0, 1) for p in ("weight", "bias")}
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation() -> None:
+    from tocalib.blocks import DropPath
+
+    drop, x = DropPath(0.25), torch.randn(4000, 3, 5, dtype=torch.float64)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = (y != 0).flatten(1).any(1)
+    torch.testing.assert_close(y[kept], x[kept] / 0.75, rtol=1e-15, atol=0)  # each sample: all or nothing
+    assert torch.all(y[~kept] == 0)
+    assert abs(kept.double().mean().item() - 0.75) < 0.03
+    assert drop.eval()(x) is x and DropPath(0.0).train()(x) is x
