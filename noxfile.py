@@ -129,6 +129,16 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def bench_revisions(session: nox.Session) -> None:
+    """The training step of PaCa-Tiny (8×224²) and PaCa-Small (2×512²) in this checkout against an earlier git
+    revision (default: feb3f3f, where the CPU-speed issue was filed), each side in its own processes, taking turns;
+    this checkout with glibc's defaults and with freed memory kept (as its training runs). About 4 minutes on 2
+    cores; writes outputs/revisions/{revisions.md,revisions.json}; options after ``--`` (e.g. ``-- --base HEAD~3``)."""
+    session.install(*CONSTRAINTS, "-e", ".")
+    session.run("python", "-m", "benchmarks.revisions", *session.posargs)
+
+
+@nox.session
 def bench_causal(session: nox.Session) -> None:
     """Causal ToCa against SDPA is_causal=True (C=512, 8 heads, M=64, B=1, fp32): training and inference time
     at N = 1k … 64k, decoding latency and state size; ≈ 12 min on 2 cores. Writes outputs/bench_causal/
