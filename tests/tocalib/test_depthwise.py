@@ -42,6 +42,20 @@ def test_values_and_gradients_equal_nn_conv2d(batch, channels, height, width, ke
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_a_batch_with_a_wide_non_square_kernel_and_an_expanded_gradient(memory_format: torch.memory_format) -> None:
+    """A batch takes the path for 49 taps and more (here 5 × 11); ``sum().backward()`` hands it a stride-0 gradient."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, (5, 11), padding=(1, 4), groups=4, dtype=torch.float64)
+    x = torch.randn(3, 4, 7, 12, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    y = depthwise_conv2d(x, conv)
+    assert type(y.grad_fn).__name__ == "_DepthwiseConv2dBackward"
+    ours = torch.autograd.grad(y.sum(), (x, conv.weight, conv.bias))
+    theirs = torch.autograd.grad(conv(x).sum(), (x, conv.weight, conv.bias))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_double_backward_is_exact(memory_format: torch.memory_format) -> None:
     """Also from channels-last memory (the tokens' layout), which the backward convolves as it is."""
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
@@ -54,8 +68,8 @@ def test_double_backward_is_exact(memory_format: torch.memory_format) -> None:
 
 
 def test_the_plain_conv_runs_where_the_fast_path_does_not_apply() -> None:
-    """No grad, a frozen weight, the meta device, tracing, a batch, a stride or a non-depthwise conv: the module
-    itself."""
+    """No grad, a frozen weight, the meta device, tracing, a batch with a kernel under 49 taps, no image at all, an
+    unbatched map, a stride or a non-depthwise conv: the module itself."""
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
     assert type(depthwise_conv2d(x, conv).grad_fn).__name__ == "_DepthwiseConv2dBackward"
@@ -84,6 +98,8 @@ def test_the_plain_conv_runs_where_the_fast_path_does_not_apply() -> None:
     wide = nn.Conv2d(4, 4, 7, padding=3, groups=4)  # a batch with a 7×7 kernel takes the fast path
     assert type(depthwise_conv2d(x.expand(2, -1, -1, -1), wide).grad_fn).__name__ == "_DepthwiseConv2dBackward"
     assert type(depthwise_conv2d(x[:0], wide).grad_fn).__name__ == "ConvolutionBackward0"  # no image at all
+    unbatched = depthwise_conv2d(x[0], wide)  # (C, H, W): the module's own unbatched path
+    assert type(unbatched.grad_fn).__name__ == "SqueezeBackward1" and torch.equal(unbatched, wide(x[0]))
     for other in (
         nn.Conv2d(4, 4, 3, stride=2, groups=4),
         nn.Conv2d(4, 4, 3, padding=1),
