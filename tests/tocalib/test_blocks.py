@@ -19,7 +19,7 @@ from tocalib import (
     ToCaStack,
     cluster_parameter_names,
 )
-from tocalib.blocks import DWConvMlp, Mlp
+from tocalib.blocks import DropPath, DWConvMlp, Mlp
 
 DIM = 16
 
@@ -241,8 +241,6 @@ def test_the_cluster_shaped_parameters_are_named_by_structure_not_by_key_pattern
 
 
 def test_drop_path_drops_whole_samples_and_keeps_the_expectation() -> None:
-    from tocalib.blocks import DropPath
-
     drop, x = DropPath(0.25), torch.randn(4000, 3, 5, dtype=torch.float64)
     torch.manual_seed(0)
     y = drop(x)
