@@ -3,20 +3,19 @@
     python -m benchmarks.revisions [--base feb3f3f] [--rounds 3] [--steps 2] [--threads 2] [--quick] [--out DIR]
 
 (``nox -s bench_revisions``.) The CPU-speed issue asked for training "≥ 1.3× today's"; it was filed at ``feb3f3f``,
-the default base. The base is exported with ``git archive`` into a temporary folder and laid out as an installed
-tocalib (``tocalib/`` with ``models/`` and ``reproductions/`` linked in as ``tocalib.models`` and
-``tocalib.reproductions``); this checkout is laid out the same way. Three sides run each configuration, every one
-in a fresh Python process (``--child``) that builds the model (seed 0), takes one warm-up step and times
-``--steps`` more:
+the default base. The base's package folders are exported with ``git archive`` into a temporary folder and laid
+out as an installed tocalib (the ``[tool.setuptools.package-dir]`` of its own pyproject.toml, as links); this
+checkout is laid out the same way. Three variants run each configuration, every one in fresh Python processes
+(``--child``) that build the model (seed 0), take one warm-up step and time ``--steps`` more:
 
 * the base revision, as it ran (glibc's allocator defaults);
 * this checkout with glibc's defaults;
 * this checkout as its training runs it (``RunConfig.retain_cpu_memory``: :func:`tocalib.allocator.tune_cpu_allocator`
   first).
 
-The sides take turns in every round, so a slow spell of a shared machine hits all of them alike; each side's
-time is the median over all its steps, its memory the largest peak RSS of its processes. Writes ``revisions.md``
-and ``revisions.json`` to ``--out`` and prints the speed-ups with the 1.3× target.
+The variants take turns in every round, in a rotating order, so that a slow spell of a shared machine hits all of
+them alike; a variant's time is the median over all its steps, its memory the largest peak RSS of its processes.
+Writes ``revisions.md`` and ``revisions.json`` to ``--out`` and prints the speed-ups against the 1.3× target.
 """
 
 from __future__ import annotations
@@ -31,48 +30,63 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import Target
+from benchmarks.common import TRAINING, TRAINING_QUICK, Target, training_step
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "feb3f3f"
 """The commit at which the CPU-speed issue was filed (its measurements are of this code)."""
 
-CONFIGS = (("pacavit_tiny_p2cconv_100_0", 8, 224), ("pacavit_small_p2cconv_100_0", 2, 512))
-QUICK_CONFIGS = (("pacavit_tiny_p2cconv_100_0", 1, 64),)
-SIDES = ("base", "this checkout, glibc default", "this checkout, heap kept")
+VARIANTS = ("base", "this checkout, glibc default", "this checkout, heap kept")
 GOAL = 1.3
+
+Config = tuple[str, int, int]  # (model, batch, image side)
 
 
 def installed_layout(tree: Path, into: Path) -> Path:
-    """A folder to put first on ``sys.path`` that imports ``tree``'s code as the installed package would:
-    ``tocalib`` holds links to ``tree/tocalib``'s entries and to ``tree/models`` and ``tree/reproductions`` (the
-    ``package-dir`` mapping of pyproject.toml)."""
+    """A folder to put first on ``sys.path`` that imports ``tree``'s code as its installed package would: for every
+    ``package = folder`` of ``tree/pyproject.toml``'s ``[tool.setuptools.package-dir]``, a link to ``tree/folder``
+    (``tocalib`` itself as a folder of links, so that ``tocalib.models`` can live inside it)."""
+    import tomllib  # Python 3.11 on, as tarfile's "data" filter that export() uses
+
+    mapping = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    if mapping.get("tocalib") != "tocalib" or any(
+        not name.startswith("tocalib.") for name in mapping if name != "tocalib"
+    ):
+        raise SystemExit(f"{tree}: a package-dir other than tocalib and its subpackages cannot be laid out: {mapping}")
     package = into / "tocalib"
     package.mkdir(parents=True)
     for entry in (tree / "tocalib").iterdir():
         if entry.name != "__pycache__":
             (package / entry.name).symlink_to(entry)
-    for name in ("models", "reproductions"):
-        (package / name).symlink_to(tree / name)
+    for name, folder in mapping.items():
+        if name != "tocalib":
+            (package / name.removeprefix("tocalib.")).symlink_to(tree / folder)
     return into
 
 
 def export(revision: str, into: Path) -> Path:
-    """The files of git ``revision`` of this repository, written under ``into``."""
+    """The package folders and pyproject.toml of git ``revision`` of this repository, written under ``into``."""
+    command = ["git", "-C", str(REPO), "archive", "--format=tar", revision]
+    command += ["pyproject.toml", "tocalib", "models", "reproductions"]
     try:
-        archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", "--format=tar", revision], capture_output=True, check=True
-        ).stdout
+        archive = subprocess.run(command, capture_output=True, check=True).stdout
+    except OSError as err:
+        raise SystemExit(f"git is needed to export revision {revision!r}: {err}") from err
     except subprocess.CalledProcessError as err:
-        raise SystemExit(f"git cannot export revision {revision!r}: {err.stderr.decode().strip()}") from err
+        raise SystemExit(
+            f"git cannot export revision {revision!r} ({err.stderr.decode().strip()}); in a shallow clone, "
+            "`git fetch --unshallow` first, or pass another --base"
+        ) from err
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     return into
 
 
-def child(layout: Path, model_name: str, batch: int, side: int, steps: int, threads: int, retain: bool) -> None:
+def child(layout: Path, config: Config, steps: int, threads: int, retain: bool) -> None:
     """Time ``steps`` training steps of the tocalib found in ``layout`` (after one warm-up step); print JSON."""
     sys.path.insert(0, str(layout))
     import torch
@@ -86,89 +100,89 @@ def child(layout: Path, model_name: str, batch: int, side: int, steps: int, thre
     if retain:
         from tocalib.allocator import tune_cpu_allocator
 
-        tune_cpu_allocator()
+        if not tune_cpu_allocator():
+            raise SystemExit("tune_cpu_allocator changed nothing here (not glibc, or an allocator in LD_PRELOAD)")
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    features = side > 224
-    model = create_model(model_name, features_only=features).train()
-    images = torch.randn(batch, 3, side, side)
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        out = model(images)
-        (sum(o.float().mean() for o in out) if features else out.float().mean()).backward()
-
+    step = training_step(create_model, *config)
     step()
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts it in kilobytes
     print(json.dumps({"seconds": seconds, "peak_rss": peak}))
 
 
-def run_side(layout: Path, config: tuple[str, int, int], steps: int, threads: int, retain: bool) -> dict:
-    model_name, batch, side = config
-    command = [sys.executable, "-m", "benchmarks.revisions", "--child", str(layout), model_name, str(batch), str(side)]
+def run_variant(layout: Path, config: Config, steps: int, threads: int, retain: bool) -> dict[str, Any]:
+    """One ``--child`` process: ``{"seconds": [...], "peak_rss": bytes}``."""
+    command = [sys.executable, "-m", "benchmarks.revisions", "--child", str(layout), *map(str, config)]
     command += ["--steps", str(steps), "--threads", str(threads)] + (["--retain"] if retain else [])
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"the measurement of {layout} failed:\n{done.stderr}")
-    return json.loads(done.stdout.splitlines()[-1])
+    lines = done.stdout.splitlines()
+    if done.returncode or not lines:
+        raise SystemExit(f"the measurement of {layout} ({' '.join(command[3:])}) failed:\n{done.stderr}")
+    return json.loads(lines[-1])
 
 
-def measure(base: Path, here: Path, configs: tuple, rounds: int, steps: int, threads: int) -> list[dict]:
-    """Per configuration: each side's median step seconds and peak RSS over ``rounds`` turns."""
-    sides = {SIDES[0]: (base, False), SIDES[1]: (here, False), SIDES[2]: (here, True)}
+def measure(base: Path, here: Path, configs: tuple[Config, ...], rounds: int, steps: int, threads: int) -> list[dict]:
+    """Per configuration: each variant's median step seconds and largest peak RSS over ``rounds`` turns."""
+    variants = dict(zip(VARIANTS, ((base, False), (here, False), (here, True)), strict=True))
     rows = []
     for config in configs:
-        samples: dict[str, list[float]] = {name: [] for name in sides}
-        peaks = dict.fromkeys(sides, 0)
-        for _ in range(rounds):
-            for name, (layout, retain) in sides.items():
-                result = run_side(layout, config, steps, threads, retain)
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        peaks = dict.fromkeys(variants, 0)
+        for turn in range(rounds):
+            for name in VARIANTS[turn % 3 :] + VARIANTS[: turn % 3]:
+                layout, retain = variants[name]
+                result = run_variant(layout, config, steps, threads, retain)
                 samples[name] += result["seconds"]
                 peaks[name] = max(peaks[name], result["peak_rss"])
-        model_name, batch, side = config
+        model, batch, side = config
         seconds = {name: statistics.median(values) for name, values in samples.items()}
-        rows.append({"model": model_name, "input": f"{batch}x3x{side}x{side}", "seconds": seconds, "peak_rss": peaks})
+        rows.append({"model": model, "input": f"{batch}x3x{side}x{side}", "seconds": seconds, "peak_rss": peaks})
     return rows
 
 
 def targets(rows: list[dict], applies: bool) -> list[Target]:
+    """The base's time over each of this checkout's variants, against :data:`GOAL` (N/A where ``not applies``)."""
     result = []
     for row in rows:
-        base = row["seconds"][SIDES[0]]
-        for name in SIDES[1:]:
+        base = row["seconds"][VARIANTS[0]]
+        for name in VARIANTS[1:]:
             speedup = base / row["seconds"][name] if applies else None
             result.append(Target(f"{row['model']} training step at {row['input']}: {name} over base", speedup, GOAL))
     return result
 
 
-def markdown(rows: list[dict], goals: list[Target], header: dict) -> str:
-    lines = [
-        "# Training step: this checkout against an earlier revision",
-        "",
-        ", ".join(f"{k}: {v}" for k, v in header.items()),
-    ]
-    lines += ["", "| target | measured | threshold | verdict |", "|---|---|---|---|"]
-    lines += [
-        f"| {g.name} | {'—' if g.value is None else f'{g.value:.3g}'} | ≥ {g.threshold:g} | {g.verdict} |"
-        for g in goals
-    ]
-    lines += ["", "| model | input | side | ms per step (median) | peak RSS MiB |", "|---|---|---|---|---|"]
+def markdown(rows: list[dict], goals: list[Target], header: dict[str, Any]) -> str:
+    """The report: the run's settings, the targets, every variant's time and memory."""
+    lines = ["# Training step: this checkout against an earlier revision", ""]
+    lines += [", ".join(f"{k}: {v}" for k, v in header.items()), ""]
+    lines += ["| target | measured | threshold | verdict |", "|---|---|---|---|"]
+    for goal in goals:
+        shown = "—" if goal.value is None else f"{goal.value:.3g}"
+        lines.append(f"| {goal.name} | {shown} | ≥ {goal.threshold:g} | {goal.verdict} |")
+    lines += ["", "| model | input | code | ms per step (median) | peak RSS MiB |", "|---|---|---|---|---|"]
     for row in rows:
-        for name in SIDES:
+        for name in VARIANTS:
             shown = f"{row['seconds'][name] * 1e3:.4g} | {row['peak_rss'][name] / 2**20:.0f}"
             lines.append(f"| {row['model']} | {row['input']} | {name} | {shown} |")
     return "\n".join(lines) + "\n"
 
 
+def _checkout() -> str:
+    """This checkout's commit, marked when the working tree has changes (they are measured too)."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
+    return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> list[Target]:
+    """Measure, write the reports, print them; returns the targets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=BASE, help="the git revision to compare with (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of every side per configuration")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of every variant per configuration")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every process")
     parser.add_argument("--quick", action="store_true", help="one tiny configuration: a smoke test")
@@ -177,24 +191,26 @@ def main(argv: list[str] | None = None) -> list[Target]:
     parser.add_argument("--retain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        layout, model_name, batch, side = args.child
-        child(Path(layout), model_name, int(batch), int(side), args.steps, args.threads, args.retain)
+        layout, model, batch, side = args.child
+        child(Path(layout), (model, int(batch), int(side)), args.steps, args.threads, args.retain)
         return []
     for name in ("rounds", "steps", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    configs = QUICK_CONFIGS if args.quick else CONFIGS
-    header = {"base": args.base, "threads": args.threads, "rounds": args.rounds, "steps per process": args.steps}
+    import torch  # for the header only: the measuring processes import their own
+
+    header = {"base": args.base, "this checkout": _checkout(), "torch": torch.__version__, "threads": args.threads}
+    header |= {"rounds": args.rounds, "steps per process": args.steps}
     header["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory() as tmp:
         base = installed_layout(export(args.base, Path(tmp) / "tree"), Path(tmp) / "base")
         here = installed_layout(REPO, Path(tmp) / "here")
-        rows = measure(base, here, configs, args.rounds, args.steps, args.threads)
+        rows = measure(base, here, TRAINING_QUICK if args.quick else TRAINING, args.rounds, args.steps, args.threads)
     goals = targets(rows, applies=not args.quick)
     report = markdown(rows, goals, header)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "revisions.md").write_text(report)
-    payload = {"header": header, "rows": rows, "targets": [vars(g) for g in goals]}
+    payload = {"header": header, "rows": rows, "targets": [{**asdict(g), "verdict": g.verdict} for g in goals]}
     (args.out / "revisions.json").write_text(json.dumps(payload, indent=1))
     print(report)
     return goals

@@ -4,6 +4,8 @@ its training step is timed beside this checkout's."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_the_layout_imports_the_trees_own_package_and_its_models(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
+    tree.mkdir()
+    mapping = '"tocalib" = "tocalib"\n"tocalib.models" = "models"\n"tocalib.reproductions" = "reproductions"\n'
+    (tree / "pyproject.toml").write_text("[tool.setuptools.package-dir]\n" + mapping)
     for folder, marker in (("tocalib", "package"), ("models", "models"), ("reproductions", "reproductions")):
         (tree / folder).mkdir(parents=True)
         (tree / folder / "__init__.py").write_text(f"WHERE = {marker!r}\n")
@@ -26,7 +31,7 @@ def test_the_layout_imports_the_trees_own_package_and_its_models(tmp_path: Path)
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env={"PYTHONPATH": str(layout)},
+        env={**os.environ, "PYTHONPATH": str(layout)},
         capture_output=True,
         text=True,
         check=True,
@@ -42,12 +47,18 @@ def test_a_revision_git_does_not_know_is_named(tmp_path: Path) -> None:
         revisions.export("no-such-revision", tmp_path)
 
 
-@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the git history of a clone")
+@pytest.mark.skipif(not (REPO / ".git").exists() or shutil.which("git") is None, reason="needs git and a clone")
 def test_quick_run_times_every_side_of_head(tmp_path: Path) -> None:
     goals = revisions.main(["--quick", "--base", "HEAD", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "revisions.json").read_text())
     (row,) = payload["rows"]
-    assert set(row["seconds"]) == set(revisions.SIDES) and all(t > 0 for t in row["seconds"].values())
+    assert set(row["seconds"]) == set(revisions.VARIANTS) and all(t > 0 for t in row["seconds"].values())
     assert all(peak > 2**20 for peak in row["peak_rss"].values())
     assert [g.verdict for g in goals] == ["N/A", "N/A"]  # the quick sizes are not the goal's
     assert "| pacavit_tiny_p2cconv_100_0 | 1x3x64x64 | base |" in (tmp_path / "revisions.md").read_text()
+
+
+def test_a_layout_that_is_not_tocalibs_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[tool.setuptools.package-dir]\n"other" = "src"\n')
+    with pytest.raises(SystemExit, match="a package-dir other than tocalib and its subpackages"):
+        revisions.installed_layout(tmp_path, tmp_path / "layout")
