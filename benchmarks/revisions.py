@@ -161,7 +161,9 @@ def markdown(rows: list[dict], goals: list[Target], header: dict[str, Any]) -> s
     lines += [", ".join(f"{k}: {v}" for k, v in header.items()), ""]
     lines += ["| target | measured | threshold | verdict |", "|---|---|---|---|"]
     for goal in goals:
-        shown = "—" if goal.value is None else f"{goal.value:.3g}"
+        shown = (
+            "—" if goal.value is None else f"{goal.value:.3f}"
+        )  # three decimals: 1.297 must not read "1.3" beside a MISS
         lines.append(f"| {goal.name} | {shown} | ≥ {goal.threshold:g} | {goal.verdict} |")
     lines += ["", "| model | input | code | ms per step (median) | peak RSS MiB |", "|---|---|---|---|---|"]
     for row in rows:
