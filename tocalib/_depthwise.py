@@ -7,14 +7,13 @@ gradient is a grouped convolution of the padded input with the output gradient a
 
 and the input gradient is the depthwise convolution of the output gradient with the flipped kernel. Both run on
 the tensors as they are: convolving the tokens' channels-last memory directly is faster than copying it to NCHW
-first.
-Measured on a 2-core AVX-512 machine, the whole backward pass with 7×7 kernels, channels-last, 2 threads (1 thread):
-ToCa's layer at 1 × 96 × 128², 14.0 ms with PyTorch's kernel against 4.9 ms (9.0 ms when this path still copied
-both maps to NCHW); PaCa-Tiny's first clustering conv at
-8 × 64 × 56², 13.0 (25.1) ms against 4.2 (5.7) ms; PaCa-Small's at 2 × 96 × 128², 29.6 (48.5) ms against 11.9
-(15.4) ms. With 3×3 kernels PyTorch's own is the faster one from two images on (8 × 64 × 56²: 0.9 ms against
-2.9 ms). Both passes are written with differentiable operations, so double backward works too, and the function has
-a forward-mode rule (``jvp``) and a generated vmap rule, so ``torch.func`` transforms it.
+first. Measured on a 2-core AVX-512 machine, the whole backward pass with 7×7 kernels, channels-last, 2 threads
+(1 thread): ToCa's layer at 1 × 96 × 128², 14.0 ms with PyTorch's kernel against 4.9 ms (9.0 ms when this path
+still copied both maps to NCHW); PaCa-Tiny's first clustering conv at 8 × 64 × 56², 13.0 (25.1) ms against 4.2
+(5.7) ms; PaCa-Small's at 2 × 96 × 128², 29.6 (48.5) ms against 11.9 (15.4) ms. With 3×3 kernels PyTorch's own is
+the faster one from two images on (8 × 64 × 56²: 0.9 ms against 2.9 ms). Both passes are written with
+differentiable operations, so double backward works too, and the function has a forward-mode rule (``jvp``) and
+a generated vmap rule, so ``torch.func`` transforms it.
 
 :func:`depthwise_conv2d` takes this path only where it helps and changes nothing else: one image, or a batch with a
 kernel of at least 49 taps, when autograd will need the weight gradient, outside autocast, tracing and compilation
