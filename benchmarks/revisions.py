@@ -3,8 +3,8 @@
     python -m benchmarks.revisions [--base feb3f3f] [--rounds 3] [--steps 2] [--threads 2] [--quick] [--out DIR]
 
 (``nox -s bench_revisions``.) The CPU-speed issue asked for training "≥ 1.3× today's"; it was filed at ``feb3f3f``,
-the default base. The base's package folders are exported with ``git archive`` into a temporary folder and laid
-out as an installed tocalib (the ``[tool.setuptools.package-dir]`` of its own pyproject.toml, as links); this
+the default base. The base is exported with ``git archive`` into a temporary folder and laid out as an
+installed tocalib (the ``[tool.setuptools.package-dir]`` of its own pyproject.toml, as links); this
 checkout is laid out the same way. Three variants run each configuration, every one in fresh Python processes
 (``--child``) that build the model (seed 0), take one warm-up step and time ``--steps`` more:
 
@@ -69,9 +69,9 @@ def installed_layout(tree: Path, into: Path) -> Path:
 
 
 def export(revision: str, into: Path) -> Path:
-    """The package folders and pyproject.toml of git ``revision`` of this repository, written under ``into``."""
+    """The files of git ``revision`` of this repository, written under ``into`` (which of its folders are packages
+    is for :func:`installed_layout` to read from the revision's own pyproject.toml)."""
     command = ["git", "-C", str(REPO), "archive", "--format=tar", revision]
-    command += ["pyproject.toml", "tocalib", "models", "reproductions"]
     try:
         archive = subprocess.run(command, capture_output=True, check=True).stdout
     except OSError as err:
