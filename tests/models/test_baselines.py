@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks import bench
@@ -111,7 +112,7 @@ def test_bench_quick_runs_end_to_end(tmp_path, monkeypatch) -> None:
     floors = {key: t for key, t in layer_cells.items() if key[2] == bench.FLOOR}
     assert len(floors) == 4  # N = 64 and 256, each with glibc's default and with the heap kept
     for (config, size, _), floor in floors.items():  # its kernels alone take less than the whole layer
-        assert 0 < floor < layer_cells[config, size, "ToCa M=100"]
+        assert 0 < floor < layer_cells[config, size, bench.MATH_FLOOR] < layer_cells[config, size, "ToCa M=100"]
     measured = [c for c in payload["cells"] if c["skipped"] is None]
     assert measured and all(c["seconds"] > 0 and (c["peak_bytes"] or 0) >= 0 for c in measured)
     values = {g.name: g.value for g in goals if g.value is not None}
@@ -163,7 +164,10 @@ def test_bench_heap_part_skips_where_the_allocator_is_left_alone(monkeypatch) ->
     assert all(t.value is None for t in goals)
 
 
-def test_kernel_floor_counts_only_the_products_convolutions_and_attention() -> None:
+def test_kernel_floor_counts_the_products_apart_from_the_pointwise_math_and_nothing_else() -> None:
     x = torch.randn(64, 64, requires_grad=True)
-    assert bench.kernel_floor(lambda: (x.exp() + 1).softmax(-1).sum().backward(), reps=1) == 0.0
-    assert bench.kernel_floor(lambda: (x @ x).sum().backward(), reps=1) > 0.0  # mm forward, two in backward
+    assert bench.kernel_floor(lambda: (x.exp() + 1).sum().backward(), reps=1) == bench.Floors(0.0, 0.0)
+    softmax = bench.kernel_floor(lambda: F.gelu(x).softmax(-1).sum().backward(), reps=1)
+    assert softmax.kernels == 0.0 and softmax.math > 0.0  # GELU and softmax, forward and backward
+    product = bench.kernel_floor(lambda: (x @ x).sum().backward(), reps=1)
+    assert product.kernels > 0.0 and product.math == 0.0  # mm forward, two in backward
