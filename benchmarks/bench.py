@@ -61,10 +61,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from benchmarks.common import TRAINING, TRAINING_QUICK, Target, training_step
+from benchmarks.common import TRAINING, TRAINING_QUICK, Target, kernel_floor, training_step
 from tocalib import ToCaAttention, flops
 from tocalib.allocator import tune_cpu_allocator
 from tocalib.flops import toca_macs
@@ -464,87 +463,6 @@ def interleaved_medians(calls: dict[str, Callable[[], Any]], rounds: int) -> dic
     return {name: (statistics.median(samples), faults[name] / rounds) for name, samples in times.items()}
 
 
-KERNELS = frozenset(
-    {
-        torch.ops.aten.mm.default,
-        torch.ops.aten.addmm.default,
-        torch.ops.aten.bmm.default,
-        torch.ops.aten.baddbmm.default,
-        torch.ops.aten.convolution.default,
-        torch.ops.aten.convolution_backward.default,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-    }
-)
-"""The operators a kernel floor counts: matrix products, convolutions and the fused attention kernels (their
-out-of-place overloads only, so that a replay writes nothing it was given)."""
-
-POINTWISE_MATH = frozenset(
-    {
-        torch.ops.aten.gelu.default,
-        torch.ops.aten.gelu_backward.default,
-        torch.ops.aten._softmax.default,
-        torch.ops.aten._softmax_backward_data.default,
-        torch.ops.aten.native_layer_norm.default,
-        torch.ops.aten.native_layer_norm_backward.default,
-    }
-)
-"""The ToCa layer's own element-wise math, forward and backward: its GELUs, the softmax over tokens, the clusters'
-LayerNorm (out-of-place overloads). Unlike copies, bias sums or gradient sums, no arrangement of PyTorch's operators
-avoids them: only a kernel that fuses them into the products' passes over memory could."""
-
-
-@dataclass(frozen=True)
-class Floors:
-    """What a call's operators take, each run alone on its recorded inputs (:func:`kernel_floor`), summed."""
-
-    kernels: float
-    """Seconds of its :data:`KERNELS`."""
-    math: float
-    """Seconds of its :data:`POINTWISE_MATH`."""
-
-
-class _KernelRecorder(TorchDispatchMode):
-    """Keeps every call of a :data:`KERNELS` or :data:`POINTWISE_MATH` operator (and so its inputs) made while it is
-    active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func in KERNELS or func in POINTWISE_MATH:
-            self.calls.append((func, args, kwargs))
-        return func(*args, **kwargs)
-
-
-def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
-    """Seconds that the :data:`KERNELS` and the :data:`POINTWISE_MATH` of one ``call()`` take as it issues them (the
-    same shapes and strides), each run again alone on its own recorded inputs (warm caches, median of ``reps`` after
-    a warm-up call) and summed per set.
-
-    Everything else the call does (copies, bias and gradient sums, the Python and autograd around them) counts zero:
-    ``peer / kernels`` is the speed-up over a peer that this implementation's kernels would allow if all the rest
-    cost nothing (a faster kernel, another blocking or batching of the products, could go below it), and
-    ``peer / (kernels + math)`` the most that any eager arrangement of PyTorch's operators computing the same math
-    could reach. Measured after the interleaved calls, not between them."""
-    recorder = _KernelRecorder()
-    with recorder:
-        call()
-    totals = {KERNELS: 0.0, POINTWISE_MATH: 0.0}
-    with torch.no_grad():
-        for func, args, kwargs in recorder.calls:
-            func(*args, **kwargs)
-            samples = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                func(*args, **kwargs)
-                samples.append(time.perf_counter() - t0)
-            totals[KERNELS if func in KERNELS else POINTWISE_MATH] += statistics.median(samples)
-    return Floors(totals[KERNELS], totals[POINTWISE_MATH])
-
-
 def timm_model(name: str, **kwargs: Any) -> nn.Module:
     """timm's own ``name`` in features-only mode, eval (``nox -s bench`` installs timm and a torchvision stand-in)."""
     try:
@@ -563,10 +481,12 @@ GOAL_LAYER = {"ToCa M=100": 100, "full SDPA": 0}
 """The layers of the layer goals (C=96, 2 heads; ToCa with PaCa's conv2d clustering)."""
 
 FLOOR = "ToCa M=100 kernel floor"
-"""The method name of a layer goal's :func:`kernel_floor` cell (the ToCa layer's kernels alone)."""
+"""The method name of a layer goal's :func:`~benchmarks.common.kernel_floor` cell (the ToCa layer's kernels alone),
+in the time base of the interleaved calls: the layer's interleaved median times the kernels' share of the layer in
+the floor's own rounds (``extra`` keeps the replayed and call seconds)."""
 
 MATH_FLOOR = "ToCa M=100 kernel+math floor"
-"""The method name of a layer goal's cell of its kernels and its element-wise math alone (:func:`kernel_floor`)."""
+"""The method name of a layer goal's cell of its kernels and its element-wise math alone, on the same time base."""
 
 
 KEPT = ",heap kept"
@@ -614,8 +534,9 @@ def _goal_layers_at_threads(settings: Settings, bar: tqdm, allocator: str) -> li
                 Cell("goals", config, n, tokens, t, extra={"faults": faults}) for n, (t, faults) in medians.items()
             ]
             floors = kernel_floor(functools.partial(step, layers["ToCa M=100"]), settings.goal_reps)
-            cells.append(Cell("goals", config, FLOOR, tokens, floors.kernels))
-            cells.append(Cell("goals", config, MATH_FLOOR, tokens, floors.kernels + floors.math))
+            replayed = {"replayed": floors.kernels, "replayed_math": floors.math, "call": floors.call}
+            for name, seconds in zip((FLOOR, MATH_FLOOR), floors.scaled(medians["ToCa M=100"][0]), strict=True):
+                cells.append(Cell("goals", config, name, tokens, seconds, extra=replayed))
     return cells
 
 

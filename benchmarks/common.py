@@ -1,15 +1,20 @@
-"""What the benchmark scripts share: an acceptance target and its verdict, and the training step they time.
+"""What the benchmark scripts share: an acceptance target and its verdict, the training step they time, and the
+floor of a call's kernels.
 
 Nothing here imports tocalib: ``benchmarks.revisions`` runs this code against other revisions' tocalib.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TRAINING = (("pacavit_tiny_p2cconv_100_0", 8, 224), ("pacavit_small_p2cconv_100_0", 2, 512))
 """(model, batch, image side) of the training-step goals: a classifier at 224², features at a dense task's input."""
@@ -49,3 +54,97 @@ def training_step(create_model: Callable[..., nn.Module], name: str, batch: int,
         loss.backward()
 
     return step
+
+
+KERNELS = frozenset(
+    {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.baddbmm.default,
+        torch.ops.aten.convolution.default,
+        torch.ops.aten.convolution_backward.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    }
+)
+"""The operators a kernel floor counts: matrix products, convolutions and the fused attention kernels (their
+out-of-place overloads only, so that a replay writes nothing it was given)."""
+
+POINTWISE_MATH = frozenset(
+    {
+        torch.ops.aten.gelu.default,
+        torch.ops.aten.gelu_backward.default,
+        torch.ops.aten._softmax.default,
+        torch.ops.aten._softmax_backward_data.default,
+        torch.ops.aten.native_layer_norm.default,
+        torch.ops.aten.native_layer_norm_backward.default,
+    }
+)
+"""The element-wise math of ToCa's layers and PaCa's blocks, forward and backward: GELU, the softmax over tokens,
+LayerNorm (out-of-place overloads). Unlike copies, bias sums, residual or gradient sums, no arrangement of PyTorch's
+operators avoids them: only a kernel that fuses them into the products' passes over memory could."""
+
+
+@dataclass(frozen=True)
+class Floors:
+    """What a call's operators take, each run again on its recorded inputs (:func:`kernel_floor`), summed, and what
+    the call itself took in the same rounds."""
+
+    kernels: float
+    """Seconds of its :data:`KERNELS`."""
+    math: float
+    """Seconds of its :data:`POINTWISE_MATH`."""
+    call: float
+    """Seconds of the whole call, timed in the same rounds as the replays."""
+
+    def scaled(self, seconds: float) -> tuple[float, float]:
+        """(kernels, kernels + math) in the time base of a call measured elsewhere at ``seconds`` (the same share of
+        it), so that a drifting machine's speed between that measurement and this one cancels."""
+        return seconds * self.kernels / self.call, seconds * (self.kernels + self.math) / self.call
+
+
+class _KernelRecorder(TorchDispatchMode):
+    """Keeps every call of a :data:`KERNELS` or :data:`POINTWISE_MATH` operator (and so its inputs) made while it is
+    active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in KERNELS or func in POINTWISE_MATH:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
+    """Seconds that the :data:`KERNELS` and the :data:`POINTWISE_MATH` of one ``call()`` take as it issues them (the
+    same shapes and strides), run again on their own recorded inputs and summed per set, and the seconds of
+    ``call()`` itself: after a warm-up round, each of ``reps`` rounds times one ``call()`` and then every recorded
+    operator once, in the call's order; medians over the rounds.
+
+    Everything else the call does (copies, bias and gradient sums, the Python and autograd around them) counts zero:
+    ``peer / kernels`` is the speed-up over a peer that this implementation's kernels would allow if all the rest
+    cost nothing (a faster kernel, another blocking or batching of the products, could go below it), and
+    ``peer / (kernels + math)`` the most that any eager arrangement of PyTorch's operators computing the same math
+    could reach (:meth:`Floors.scaled` puts both on the time base of the peer's run)."""
+    recorder = _KernelRecorder()
+    with recorder:
+        call()
+    samples: list[list[float]] = [[] for _ in recorder.calls]
+    calls = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        call()
+        calls.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            for times, (func, args, kwargs) in zip(samples, recorder.calls, strict=True):
+                t0 = time.perf_counter()
+                func(*args, **kwargs)
+                times.append(time.perf_counter() - t0)
+    totals = {KERNELS: 0.0, POINTWISE_MATH: 0.0}
+    for times, (func, _, _) in zip(samples, recorder.calls, strict=True):
+        totals[KERNELS if func in KERNELS else POINTWISE_MATH] += statistics.median(times[1:])
+    return Floors(totals[KERNELS], totals[POINTWISE_MATH], statistics.median(calls[1:]))

@@ -13,7 +13,13 @@ checkout is laid out the same way. Three variants run each configuration, every 
 * this checkout as its training runs it (``RunConfig.retain_cpu_memory``: :func:`tocalib.allocator.tune_cpu_allocator`
   first).
 
-The variants take turns in every round, in a rotating order, so that a slow spell of a shared machine hits all of
+A fourth process per round measures that step's floors (:func:`benchmarks.common.kernel_floor`): its matrix products,
+convolutions and attention kernels, each run again on the inputs it gave them, summed; and those with its GELUs,
+softmaxes and LayerNorms; each as its share of the step timed in the same rounds, times the heap-kept variant's
+median step. If the base's time over the second is below the goal, no eager arrangement of this
+checkout's operators meets it: only kernels that fuse the element-wise passes into fewer could.
+
+The processes take turns in every round, in a rotating order, so that a slow spell of a shared machine hits all of
 them alike; a variant's time is the median over all its steps, its memory the largest peak RSS of its processes.
 Writes ``revisions.md`` and ``revisions.json`` to ``--out`` and prints the speed-ups against the 1.3× target.
 """
@@ -34,13 +40,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import TRAINING, TRAINING_QUICK, Target, training_step
+from benchmarks.common import TRAINING, TRAINING_QUICK, Target, kernel_floor, training_step
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "feb3f3f"
 """The commit at which the CPU-speed issue was filed (its measurements are of this code)."""
 
 VARIANTS = ("base", "this checkout, glibc default", "this checkout, heap kept")
+FLOORS = ("this checkout's kernel floor", "this checkout's kernel+math floor")
+"""What the floor process measures of this checkout's step (heap kept), :func:`benchmarks.common.kernel_floor`: its
+matrix products, convolutions and attention kernels alone; those and its GELUs, softmaxes and LayerNorms alone."""
+FLOOR_REPS = 3
 GOAL = 1.3
 
 Config = tuple[str, int, int]  # (model, batch, image side)
@@ -86,8 +96,9 @@ def export(revision: str, into: Path) -> Path:
     return into
 
 
-def child(layout: Path, config: Config, steps: int, threads: int, retain: bool) -> None:
-    """Time ``steps`` training steps of the tocalib found in ``layout`` (after one warm-up step); print JSON."""
+def child(layout: Path, config: Config, steps: int, threads: int, retain: bool, floor: bool = False) -> None:
+    """Time ``steps`` training steps of the tocalib found in ``layout`` (after one warm-up step); print JSON. With
+    ``floor``, measure the step's :data:`FLOORS` instead of timing it."""
     sys.path.insert(0, str(layout))
     import torch
 
@@ -105,6 +116,10 @@ def child(layout: Path, config: Config, steps: int, threads: int, retain: bool) 
     torch.set_num_threads(threads)
     step = training_step(create_model, *config)
     step()
+    if floor:
+        floors = kernel_floor(step, FLOOR_REPS)
+        print(json.dumps({"share": dict(zip(FLOORS, floors.scaled(1.0), strict=True))}))
+        return
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -114,10 +129,13 @@ def child(layout: Path, config: Config, steps: int, threads: int, retain: bool) 
     print(json.dumps({"seconds": seconds, "peak_rss": peak}))
 
 
-def run_variant(layout: Path, config: Config, steps: int, threads: int, retain: bool) -> dict[str, Any]:
-    """One ``--child`` process: ``{"seconds": [...], "peak_rss": bytes}``."""
+def run_variant(
+    layout: Path, config: Config, steps: int, threads: int, retain: bool, floor: bool = False
+) -> dict[str, Any]:
+    """One ``--child`` process: ``{"seconds": [...], "peak_rss": bytes}``, or with ``floor`` the :data:`FLOORS`."""
     command = [sys.executable, "-m", "benchmarks.revisions", "--child", str(layout), *map(str, config)]
     command += ["--steps", str(steps), "--threads", str(threads)] + (["--retain"] if retain else [])
+    command += ["--floor"] if floor else []
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     lines = done.stdout.splitlines()
     if done.returncode or not lines:
@@ -126,30 +144,42 @@ def run_variant(layout: Path, config: Config, steps: int, threads: int, retain: 
 
 
 def measure(base: Path, here: Path, configs: tuple[Config, ...], rounds: int, steps: int, threads: int) -> list[dict]:
-    """Per configuration: each variant's median step seconds and largest peak RSS over ``rounds`` turns."""
+    """Per configuration: each variant's median step seconds and largest peak RSS over ``rounds`` turns, and the
+    :data:`FLOORS` of this checkout (one process per turn, in the rotation) as the median share of its step that
+    they take in their own process, times the heap-kept variant's median step (so that drift between the processes
+    cancels)."""
     variants = dict(zip(VARIANTS, ((base, False), (here, False), (here, True)), strict=True))
+    runs = (*VARIANTS, "floor")
     rows = []
     for config in configs:
-        samples: dict[str, list[float]] = {name: [] for name in variants}
+        samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        shares: dict[str, list[float]] = {name: [] for name in FLOORS}
         peaks = dict.fromkeys(variants, 0)
         for turn in range(rounds):
-            for name in VARIANTS[turn % 3 :] + VARIANTS[: turn % 3]:
+            for name in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
+                if name == "floor":
+                    for floor, share in run_variant(here, config, steps, threads, True, floor=True)["share"].items():
+                        shares[floor].append(share)
+                    continue
                 layout, retain = variants[name]
                 result = run_variant(layout, config, steps, threads, retain)
                 samples[name] += result["seconds"]
                 peaks[name] = max(peaks[name], result["peak_rss"])
         model, batch, side = config
         seconds = {name: statistics.median(values) for name, values in samples.items()}
+        kept = seconds[VARIANTS[2]]  # the floors' step: its share of it, on the variants' time base
+        seconds |= {name: kept * statistics.median(values) for name, values in shares.items()}
         rows.append({"model": model, "input": f"{batch}x3x{side}x{side}", "seconds": seconds, "peak_rss": peaks})
     return rows
 
 
 def targets(rows: list[dict], applies: bool) -> list[Target]:
-    """The base's time over each of this checkout's variants, against :data:`GOAL` (N/A where ``not applies``)."""
+    """The base's time over each of this checkout's variants and :data:`FLOORS`, against :data:`GOAL` (N/A where
+    ``not applies``): below it at the kernel+math floor, no eager arrangement of this checkout's operators meets it."""
     result = []
     for row in rows:
         base = row["seconds"][VARIANTS[0]]
-        for name in VARIANTS[1:]:
+        for name in (*VARIANTS[1:], *FLOORS):
             speedup = base / row["seconds"][name] if applies else None
             result.append(Target(f"{row['model']} training step at {row['input']}: {name} over base", speedup, GOAL))
     return result
@@ -167,9 +197,9 @@ def markdown(rows: list[dict], goals: list[Target], header: dict[str, Any]) -> s
         lines.append(f"| {goal.name} | {shown} | ≥ {goal.threshold:g} | {goal.verdict} |")
     lines += ["", "| model | input | code | ms per step (median) | peak RSS MiB |", "|---|---|---|---|---|"]
     for row in rows:
-        for name in VARIANTS:
-            shown = f"{row['seconds'][name] * 1e3:.4g} | {row['peak_rss'][name] / 2**20:.0f}"
-            lines.append(f"| {row['model']} | {row['input']} | {name} | {shown} |")
+        for name in (*VARIANTS, *FLOORS):
+            peak = f"{row['peak_rss'][name] / 2**20:.0f}" if name in row["peak_rss"] else ""
+            lines.append(f"| {row['model']} | {row['input']} | {name} | {row['seconds'][name] * 1e3:.4g} | {peak} |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,10 +221,11 @@ def main(argv: list[str] | None = None) -> list[Target]:
     parser.add_argument("--out", type=Path, default=Path("outputs/revisions"), help="output folder")
     parser.add_argument("--child", nargs=4, metavar=("LAYOUT", "MODEL", "BATCH", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--retain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         layout, model, batch, side = args.child
-        child(Path(layout), (model, int(batch), int(side)), args.steps, args.threads, args.retain)
+        child(Path(layout), (model, int(batch), int(side)), args.steps, args.threads, args.retain, args.floor)
         return []
     for name in ("rounds", "steps", "threads"):
         if getattr(args, name) < 1:

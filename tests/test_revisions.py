@@ -52,10 +52,16 @@ def test_quick_run_times_every_side_of_head(tmp_path: Path) -> None:
     goals = revisions.main(["--quick", "--base", "HEAD", "--rounds", "1", "--steps", "1", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "revisions.json").read_text())
     (row,) = payload["rows"]
-    assert set(row["seconds"]) == set(revisions.VARIANTS) and all(t > 0 for t in row["seconds"].values())
-    assert all(peak > 2**20 for peak in row["peak_rss"].values())
-    assert [g.verdict for g in goals] == ["N/A", "N/A"]  # the quick sizes are not the goal's
-    assert "| pacavit_tiny_p2cconv_100_0 | 1x3x64x64 | base |" in (tmp_path / "revisions.md").read_text()
+    assert set(row["seconds"]) == {*revisions.VARIANTS, *revisions.FLOORS} and all(
+        t > 0 for t in row["seconds"].values()
+    )
+    kernels, with_math = (row["seconds"][name] for name in revisions.FLOORS)
+    assert kernels < with_math < row["seconds"]["this checkout, heap kept"]  # the floors leave out the rest of a step
+    assert set(row["peak_rss"]) == set(revisions.VARIANTS) and all(peak > 2**20 for peak in row["peak_rss"].values())
+    assert [g.verdict for g in goals] == ["N/A"] * 4  # the quick sizes are not the goal's
+    report = (tmp_path / "revisions.md").read_text()
+    assert "| pacavit_tiny_p2cconv_100_0 | 1x3x64x64 | base |" in report
+    assert "| pacavit_tiny_p2cconv_100_0 | 1x3x64x64 | this checkout's kernel+math floor |" in report
 
 
 def test_a_layout_that_is_not_tocalibs_is_refused(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks import bench
+from benchmarks import bench, common
 from tocalib.flops import count_macs
 from tocalib.models import create_model
 from tocalib.models.pvt_v2 import SpatialReductionAttention
@@ -166,8 +166,11 @@ def test_bench_heap_part_skips_where_the_allocator_is_left_alone(monkeypatch) ->
 
 def test_kernel_floor_counts_the_products_apart_from_the_pointwise_math_and_nothing_else() -> None:
     x = torch.randn(64, 64, requires_grad=True)
-    assert bench.kernel_floor(lambda: (x.exp() + 1).sum().backward(), reps=1) == bench.Floors(0.0, 0.0)
-    softmax = bench.kernel_floor(lambda: F.gelu(x).softmax(-1).sum().backward(), reps=1)
+    plain = common.kernel_floor(lambda: (x.exp() + 1).sum().backward(), reps=1)
+    assert (plain.kernels, plain.math) == (0.0, 0.0) and plain.call > 0.0
+    softmax = common.kernel_floor(lambda: F.gelu(x).softmax(-1).sum().backward(), reps=1)
     assert softmax.kernels == 0.0 and softmax.math > 0.0  # GELU and softmax, forward and backward
-    product = bench.kernel_floor(lambda: (x @ x).sum().backward(), reps=1)
+    product = common.kernel_floor(lambda: (x @ x).sum().backward(), reps=2)
     assert product.kernels > 0.0 and product.math == 0.0  # mm forward, two in backward
+    kernels, with_math = product.scaled(2 * product.call)  # the same shares of a call twice as long
+    assert kernels == with_math == pytest.approx(2 * product.kernels)
