@@ -56,30 +56,26 @@ def training_step(create_model: Callable[..., nn.Module], name: str, batch: int,
     return step
 
 
-KERNELS = frozenset(
-    {
-        torch.ops.aten.mm.default,
-        torch.ops.aten.addmm.default,
-        torch.ops.aten.bmm.default,
-        torch.ops.aten.baddbmm.default,
-        torch.ops.aten.convolution.default,
-        torch.ops.aten.convolution_backward.default,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-    }
+def _default_overloads(*names: str) -> frozenset[Any]:
+    """The ``default`` (out-of-place) overloads of the named ATen operators."""
+    return frozenset(getattr(torch.ops.aten, name).default for name in names)
+
+
+KERNELS = _default_overloads(
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "convolution",
+    "convolution_backward",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
 )
 """The operators a kernel floor counts: matrix products, convolutions and the fused attention kernels (their
 out-of-place overloads only, so that a replay writes nothing it was given)."""
 
-POINTWISE_MATH = frozenset(
-    {
-        torch.ops.aten.gelu.default,
-        torch.ops.aten.gelu_backward.default,
-        torch.ops.aten._softmax.default,
-        torch.ops.aten._softmax_backward_data.default,
-        torch.ops.aten.native_layer_norm.default,
-        torch.ops.aten.native_layer_norm_backward.default,
-    }
+POINTWISE_MATH = _default_overloads(
+    "gelu", "gelu_backward", "_softmax", "_softmax_backward_data", "native_layer_norm", "native_layer_norm_backward"
 )
 """The element-wise math of ToCa's layers and PaCa's blocks, forward and backward: GELU, the softmax over tokens,
 LayerNorm (out-of-place overloads). Unlike copies, bias sums, residual or gradient sums, no arrangement of PyTorch's
