@@ -8,8 +8,8 @@ compare like with like on a shared, noisy machine:
 a. **goals**: the CPU-speed goals, each comparison interleaved (the calls take turns, medians): the ToCa layer
    (conv2d clustering, M=100, C=96, 2 heads) against full SDPA self-attention, forward+backward at N = 3136 and
    16384, 1 and 2 threads, with the ToCa layer's kernel floor (its matrix products, convolutions and attention
-   kernels as it calls them, each timed alone, summed: its time if all the rest cost nothing) and its
-   kernel+math floor (those and its GELUs, softmax and LayerNorm: the most an eager arrangement allows); PaCa-Small's
+   kernels as it calls them, replayed beside timed calls, summed: its time if all the rest cost nothing) and its
+   kernel+math floor (those and its GELUs, softmax and LayerNorm: the most this operator sequence allows); PaCa-Small's
    features against timm's own ``pvt_v2_b2`` and ``swin_tiny_patch4_window7_224`` (``img_size`` set) at
    1×3×800×1280, PaCa-Tiny's against timm's Swin-T at 8×3×224² (with the project's own PVTv2-b2 and Swin-T next to
    timm's: params, MACs, speed); training-step throughput and peak memory of PaCa-Tiny at 8×224² and PaCa-Small
@@ -699,7 +699,7 @@ def goal_targets(cells: list[Cell], settings: Settings) -> list[Target]:
                 ),
                 (
                     f"ToCa layer kernel+math floor (those kernels and its GELUs, softmax and LayerNorm alone) "
-                    f"speed-up over full SDPA, {where}: the most an eager arrangement of these operators allows",
+                    f"speed-up over full SDPA, {where}: the most this operator sequence allows",
                     math_floor,
                 ),
             ):

@@ -124,8 +124,8 @@ def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
     Everything else the call does (copies, bias and gradient sums, the Python and autograd around them) counts zero:
     ``peer / kernels`` is the speed-up over a peer that this implementation's kernels would allow if all the rest
     cost nothing (a faster kernel, another blocking or batching of the products, could go below it), and
-    ``peer / (kernels + math)`` the most that any eager arrangement of PyTorch's operators computing the same math
-    could reach (:meth:`Floors.scaled` puts both on the time base of the peer's run)."""
+    ``peer / (kernels + math)`` the most that this operator sequence allows if everything else cost nothing
+    (:meth:`Floors.scaled` puts both on the time base of the peer's run)."""
     recorder = _KernelRecorder()
     with recorder:
         call()
@@ -140,7 +140,8 @@ def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
                 t0 = time.perf_counter()
                 func(*args, **kwargs)
                 times.append(time.perf_counter() - t0)
-    totals = {KERNELS: 0.0, POINTWISE_MATH: 0.0}
-    for times, (func, _, _) in zip(samples, recorder.calls, strict=True):
-        totals[KERNELS if func in KERNELS else POINTWISE_MATH] += statistics.median(times[1:])
-    return Floors(totals[KERNELS], totals[POINTWISE_MATH], statistics.median(calls[1:]))
+    kinds = [func in KERNELS for func, _, _ in recorder.calls]
+    rounds = range(1, reps + 1)  # per round: its kernels' and its math's sums, beside its call
+    kernels = [sum(t[r] for t, k in zip(samples, kinds, strict=True) if k) for r in rounds]
+    math = [sum(t[r] for t, k in zip(samples, kinds, strict=True) if not k) for r in rounds]
+    return Floors(statistics.median(kernels), statistics.median(math), statistics.median(calls[1:]))

@@ -16,8 +16,8 @@ checkout is laid out the same way. Three variants run each configuration, every 
 A fourth process per round measures that step's floors (:func:`benchmarks.common.kernel_floor`): its matrix products,
 convolutions and attention kernels, each run again on the inputs it gave them, summed; and those with its GELUs,
 softmaxes and LayerNorms; each as its share of the step timed in the same rounds, times the heap-kept variant's
-median step. If the base's time over the second is below the goal, no eager arrangement of this
-checkout's operators meets it: only kernels that fuse the element-wise passes into fewer could.
+median step. If the base's time over the second is below the goal, this checkout's sequence of operators cannot meet it
+even if everything else cost nothing: only fewer passes (fused kernels, another arrangement) could.
 
 The processes take turns in every round, in a rotating order, so that a slow spell of a shared machine hits all of
 them alike; a variant's time is the median over all its steps, its memory the largest peak RSS of its processes.
@@ -175,7 +175,7 @@ def measure(base: Path, here: Path, configs: tuple[Config, ...], rounds: int, st
 
 def targets(rows: list[dict], applies: bool) -> list[Target]:
     """The base's time over each of this checkout's variants and :data:`FLOORS`, against :data:`GOAL` (N/A where
-    ``not applies``): below it at the kernel+math floor, no eager arrangement of this checkout's operators meets it."""
+    ``not applies``): below it at the kernel+math floor, this operator sequence cannot meet it."""
     result = []
     for row in rows:
         base = row["seconds"][VARIANTS[0]]
