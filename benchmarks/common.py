@@ -129,19 +129,19 @@ def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
     recorder = _KernelRecorder()
     with recorder:
         call()
-    samples: list[list[float]] = [[] for _ in recorder.calls]
-    calls = []
+    calls: list[float] = []
+    kernels: list[float] = []
+    math: list[float] = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
         call()
         calls.append(time.perf_counter() - t0)
+        spent = {True: 0.0, False: 0.0}  # keyed by "is a kernel": this round's sums
         with torch.no_grad():
-            for times, (func, args, kwargs) in zip(samples, recorder.calls, strict=True):
+            for func, args, kwargs in recorder.calls:
                 t0 = time.perf_counter()
                 func(*args, **kwargs)
-                times.append(time.perf_counter() - t0)
-    kinds = [func in KERNELS for func, _, _ in recorder.calls]
-    rounds = range(1, reps + 1)  # per round: its kernels' and its math's sums, beside its call
-    kernels = [sum(t[r] for t, k in zip(samples, kinds, strict=True) if k) for r in rounds]
-    math = [sum(t[r] for t, k in zip(samples, kinds, strict=True) if not k) for r in rounds]
-    return Floors(statistics.median(kernels), statistics.median(math), statistics.median(calls[1:]))
+                spent[func in KERNELS] += time.perf_counter() - t0
+        kernels.append(spent[True])
+        math.append(spent[False])
+    return Floors(*(statistics.median(values[1:]) for values in (kernels, math, calls)))  # warm-up round left out
