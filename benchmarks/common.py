@@ -100,7 +100,7 @@ class Floors:
         return seconds * self.kernels / self.call, seconds * (self.kernels + self.math) / self.call
 
 
-class _KernelRecorder(TorchDispatchMode):
+class _FloorRecorder(TorchDispatchMode):
     """Keeps every call of a :data:`KERNELS` or :data:`POINTWISE_MATH` operator (and so its inputs) made while it is
     active."""
 
@@ -126,7 +126,9 @@ def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
     cost nothing (a faster kernel, another blocking or batching of the products, could go below it), and
     ``peer / (kernels + math)`` the most that this operator sequence allows if everything else cost nothing
     (:meth:`Floors.scaled` puts both on the time base of the peer's run)."""
-    recorder = _KernelRecorder()
+    if reps < 1:
+        raise ValueError(f"kernel_floor needs reps >= 1 timed rounds (after the warm-up round), got reps={reps}")
+    recorder = _FloorRecorder()
     with recorder:
         call()
     calls: list[float] = []

@@ -1,6 +1,6 @@
 """The training step (forward+backward) of this checkout against an earlier git revision, measured side by side.
 
-    python -m benchmarks.revisions [--base feb3f3f] [--rounds 3] [--steps 2] [--threads 2] [--quick] [--out DIR]
+    python -m benchmarks.revisions [--base feb3f3f] [--rounds 4] [--steps 2] [--threads 2] [--quick] [--out DIR]
 
 (``nox -s bench_revisions``.) The CPU-speed issue asked for training "≥ 1.3× today's"; it was filed at ``feb3f3f``,
 the default base. The base is exported with ``git archive`` into a temporary folder and laid out as an
@@ -20,7 +20,9 @@ median step. If the base's time over the second is below the goal, this checkout
 even if everything else cost nothing: only fewer passes (fused kernels, another arrangement) could.
 
 The processes take turns in every round, in a rotating order, so that a slow spell of a shared machine hits all of
-them alike; a variant's time is the median over all its steps, its memory the largest peak RSS of its processes.
+them alike (evenly when ``--rounds`` is a multiple of the four processes: then each takes every place in the order
+equally often; the report says when it is not); a variant's time is the median over all its steps, its memory the
+largest peak RSS of its processes.
 Writes ``revisions.md`` and ``revisions.json`` to ``--out`` and prints the speed-ups against the 1.3× target.
 """
 
@@ -51,6 +53,8 @@ FLOORS = ("this checkout's kernel floor", "this checkout's kernel+math floor")
 """What the floor process measures of this checkout's step (heap kept), :func:`benchmarks.common.kernel_floor`: its
 matrix products, convolutions and attention kernels alone; those and its GELUs, softmaxes and LayerNorms alone."""
 FLOOR_REPS = 3
+RUNS = (*VARIANTS, "floor")
+"""The processes of a round, whose order rotates by one place per round."""
 GOAL = 1.3
 
 Config = tuple[str, int, int]  # (model, batch, image side)
@@ -149,14 +153,13 @@ def measure(base: Path, here: Path, configs: tuple[Config, ...], rounds: int, st
     they take in their own process, times the heap-kept variant's median step (so that drift between the processes
     cancels)."""
     variants = dict(zip(VARIANTS, ((base, False), (here, False), (here, True)), strict=True))
-    runs = (*VARIANTS, "floor")
     rows = []
     for config in configs:
         samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
         shares: dict[str, list[float]] = {name: [] for name in FLOORS}
         peaks = dict.fromkeys(variants, 0)
         for turn in range(rounds):
-            for name in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
+            for name in RUNS[turn % len(RUNS) :] + RUNS[: turn % len(RUNS)]:
                 if name == "floor":
                     for floor, share in run_variant(here, config, steps, threads, True, floor=True)["share"].items():
                         shares[floor].append(share)
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> list[Target]:
     """Measure, write the reports, print them; returns the targets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=BASE, help="the git revision to compare with (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of every variant per configuration")
+    parser.add_argument(
+        "--rounds", type=int, default=len(RUNS), help="turns of every process per configuration (a multiple of 4: even)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every process")
     parser.add_argument("--quick", action="store_true", help="one tiny configuration: a smoke test")
@@ -234,6 +239,9 @@ def main(argv: list[str] | None = None) -> list[Target]:
 
     header = {"base": args.base, "this checkout": _checkout(), "torch": torch.__version__, "threads": args.threads}
     header |= {"rounds": args.rounds, "steps per process": args.steps}
+    header["order"] = (
+        "balanced" if args.rounds % len(RUNS) == 0 else f"unbalanced (rounds not a multiple of {len(RUNS)})"
+    )
     header["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory() as tmp:
         base = installed_layout(export(args.base, Path(tmp) / "tree"), Path(tmp) / "base")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from benchmarks import bench, common
@@ -175,3 +176,28 @@ def test_kernel_floor_counts_the_products_apart_from_the_pointwise_math_and_noth
     assert product.kernels > 0.0 and product.math == 0.0  # mm forward, two in backward
     kernels, with_math = product.scaled(2 * product.call)  # the same shares of a call twice as long
     assert kernels == with_math == pytest.approx(2 * product.kernels)
+    with pytest.raises(ValueError, match="reps >= 1"):
+        common.kernel_floor(lambda: None, reps=0)
+
+
+def test_kernel_floor_replays_only_operators_that_write_nothing_they_are_given() -> None:
+    """Every floor operator is an out-of-place overload (its schema writes no argument), so a replay of a call
+    (here a Linear, LayerNorm, GELU and softmax, forward and backward) leaves the call's tensors as they were."""
+    ops = common.KERNELS | common.POINTWISE_MATH
+    assert not [op for op in ops if any(a.alias_info and a.alias_info.is_write for a in op._schema.arguments)]
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU())
+    x = torch.randn(4, 8, requires_grad=True)
+    tensors = (x, *layer.parameters())
+
+    def call() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).softmax(-1).pow(2).sum().backward()
+
+    call()
+    values, grads = [t.detach().clone() for t in tensors], [t.grad.clone() for t in tensors]
+    floors = common.kernel_floor(call, reps=2)
+    assert floors.kernels > 0.0 and floors.math > 0.0  # addmm and mm; LayerNorm, GELU, softmax
+    for t, value, grad in zip(tensors, values, grads, strict=True):
+        assert torch.equal(t, value) and torch.equal(t.grad, grad)
