@@ -133,7 +133,7 @@ def bench_revisions(session: nox.Session) -> None:
     """The training step of PaCa-Tiny (8×224²) and PaCa-Small (2×512²) in this checkout against an earlier git
     revision (default: feb3f3f, where the CPU-speed issue was filed), each side in its own processes, taking turns;
     this checkout with glibc's defaults and with freed memory kept (as its training runs), and this checkout's
-    floors. About 13 minutes on 2 cores (4 rounds); writes outputs/revisions/{revisions.md,revisions.json};
+    floors. About 11 minutes on 2 cores (4 rounds); writes outputs/revisions/{revisions.md,revisions.json};
     options after ``--`` (e.g. ``-- --base HEAD~3``)."""
     session.install(*CONSTRAINTS, "-e", ".")
     session.run("python", "-m", "benchmarks.revisions", *session.posargs)
