@@ -754,7 +754,7 @@ def markdown(cells: list[Cell], goals: list[Target], header: dict[str, Any]) -> 
     models = [c for c in cells if c.part == "models"]
     if models:
         configs = list(dict.fromkeys(c.config for c in models))
-        lines += ["", "## Backbones (features only, inference): images/s (peak MiB)", ""]
+        lines += ["", "## Backbones (features only, inference): images/s (peak MiB above the weights)", ""]
         lines += ["| model | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
         for method in dict.fromkeys(c.method for c in models):
             entries = [

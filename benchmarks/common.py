@@ -115,6 +115,18 @@ class _FloorRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _replay(calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> tuple[float, float]:
+    """Runs every recorded operator once more on its recorded inputs, in order, without autograd; returns the seconds
+    of the :data:`KERNELS` and of the :data:`POINTWISE_MATH` among them."""
+    spent = {True: 0.0, False: 0.0}  # keyed by "is a kernel"
+    with torch.no_grad():
+        for func, args, kwargs in calls:
+            t0 = time.perf_counter()
+            func(*args, **kwargs)
+            spent[func in KERNELS] += time.perf_counter() - t0
+    return spent[True], spent[False]
+
+
 def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
     """Seconds that the :data:`KERNELS` and the :data:`POINTWISE_MATH` of one ``call()`` take as it issues them (the
     same shapes and strides), run again on their own recorded inputs and summed per set, and the seconds of
@@ -138,12 +150,7 @@ def kernel_floor(call: Callable[[], Any], reps: int) -> Floors:
         t0 = time.perf_counter()
         call()
         calls.append(time.perf_counter() - t0)
-        spent = {True: 0.0, False: 0.0}  # keyed by "is a kernel": this round's sums
-        with torch.no_grad():
-            for func, args, kwargs in recorder.calls:
-                t0 = time.perf_counter()
-                func(*args, **kwargs)
-                spent[func in KERNELS] += time.perf_counter() - t0
-        kernels.append(spent[True])
-        math.append(spent[False])
+        round_kernels, round_math = _replay(recorder.calls)
+        kernels.append(round_kernels)
+        math.append(round_math)
     return Floors(*(statistics.median(values[1:]) for values in (kernels, math, calls)))  # warm-up round left out

@@ -1,6 +1,6 @@
 """The training step (forward+backward) of this checkout against an earlier git revision, measured side by side.
 
-    python -m benchmarks.revisions [--base feb3f3f] [--rounds 4] [--steps 2] [--threads 2] [--quick] [--out DIR]
+    python -m benchmarks.revisions [--base feb3f3f] [--rounds N] [--steps 2] [--threads 2] [--quick] [--out DIR]
 
 (``nox -s bench_revisions``.) The CPU-speed issue asked for training "≥ 1.3× today's"; it was filed at ``feb3f3f``,
 the default base. The base is exported with ``git archive`` into a temporary folder and laid out as an
@@ -218,7 +218,11 @@ def main(argv: list[str] | None = None) -> list[Target]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=BASE, help="the git revision to compare with (default: %(default)s)")
     parser.add_argument(
-        "--rounds", type=int, default=len(RUNS), help="turns of every process per configuration (a multiple of 4: even)"
+        "--rounds",
+        type=int,
+        default=len(RUNS),
+        help=f"turns of every process per configuration (default %(default)s; a multiple of {len(RUNS)} "
+        "gives every process each place in the order)",
     )
     parser.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every process")
@@ -243,10 +247,12 @@ def main(argv: list[str] | None = None) -> list[Target]:
         "balanced" if args.rounds % len(RUNS) == 0 else f"unbalanced (rounds not a multiple of {len(RUNS)})"
     )
     header["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         base = installed_layout(export(args.base, Path(tmp) / "tree"), Path(tmp) / "base")
         here = installed_layout(REPO, Path(tmp) / "here")
         rows = measure(base, here, TRAINING_QUICK if args.quick else TRAINING, args.rounds, args.steps, args.threads)
+    header["wall_s"] = round(time.perf_counter() - started)
     goals = targets(rows, applies=not args.quick)
     report = markdown(rows, goals, header)
     args.out.mkdir(parents=True, exist_ok=True)

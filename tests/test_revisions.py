@@ -60,6 +60,7 @@ def test_quick_run_times_every_side_of_head(tmp_path: Path) -> None:
     assert set(row["peak_rss"]) == set(revisions.VARIANTS) and all(peak > 2**20 for peak in row["peak_rss"].values())
     assert [g.verdict for g in goals] == ["N/A"] * 4  # the quick sizes are not the goal's
     assert payload["header"]["order"] == "unbalanced (rounds not a multiple of 4)"  # one round: the base went first
+    assert payload["header"]["wall_s"] >= int(sum(row["seconds"][name] for name in revisions.VARIANTS))
     report = (tmp_path / "revisions.md").read_text()
     assert "| pacavit_tiny_p2cconv_100_0 | 1x3x64x64 | base |" in report
     assert "| pacavit_tiny_p2cconv_100_0 | 1x3x64x64 | this checkout's kernel+math floor |" in report

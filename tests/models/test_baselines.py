@@ -181,23 +181,22 @@ def test_kernel_floor_counts_the_products_apart_from_the_pointwise_math_and_noth
 
 
 def test_kernel_floor_replays_only_operators_that_write_nothing_they_are_given() -> None:
-    """Every floor operator is an out-of-place overload (its schema writes no argument), so a replay of a call
-    (here a Linear, LayerNorm, GELU and softmax, forward and backward) leaves the call's tensors as they were."""
+    """Every floor operator is an out-of-place overload (its schema writes no argument), and a replay of a recorded
+    call (here a Linear, LayerNorm, GELU and softmax, forward and backward) leaves every recorded input as it was."""
     ops = common.KERNELS | common.POINTWISE_MATH
     assert not [op for op in ops if any(a.alias_info and a.alias_info.is_write for a in op._schema.arguments)]
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU())
     x = torch.randn(4, 8, requires_grad=True)
-    tensors = (x, *layer.parameters())
-
-    def call() -> None:
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
+    recorder = common._FloorRecorder()
+    with recorder:
         layer(x).softmax(-1).pow(2).sum().backward()
-
-    call()
-    values, grads = [t.detach().clone() for t in tensors], [t.grad.clone() for t in tensors]
-    floors = common.kernel_floor(call, reps=2)
-    assert floors.kernels > 0.0 and floors.math > 0.0  # addmm and mm; LayerNorm, GELU, softmax
-    for t, value, grad in zip(tensors, values, grads, strict=True):
-        assert torch.equal(t, value) and torch.equal(t.grad, grad)
+    recorded = {str(func) for func, _, _ in recorder.calls}
+    forward = {"addmm", "native_layer_norm", "gelu", "_softmax"}
+    backward = {"mm", "native_layer_norm_backward", "gelu_backward", "_softmax_backward_data"}
+    assert recorded == {f"aten.{name}.default" for name in forward | backward}
+    inputs = [t for _, args, kwargs in recorder.calls for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+    before = [t.clone() for t in inputs]
+    kernels, pointwise = common._replay(recorder.calls)
+    assert kernels > 0.0 and pointwise > 0.0
+    assert all(torch.equal(t, value) for t, value in zip(inputs, before, strict=True))
